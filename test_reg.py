@@ -1,0 +1,568 @@
+"""Tests for reg.py: the math against its sources, and every optimizer's behaviour.
+
+    python -m pytest -q test_reg.py
+
+Each test checks one property that SPEC.md section 5 (or the optimizer contract of
+torch.optim) asks for, and fails when that property breaks. Everything runs on the CPU
+with small fixtures made here, in well under a minute.
+"""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import reg
+
+NAMES = list(reg.OPTIMIZERS)
+MATRIX_NAMES = [n for n in NAMES if n != "adamw"]
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def matrix_with_spectrum(m, n, singular_values, seed=0):
+    """U diag(s) V^T with random orthonormal U, V: a matrix whose spectrum we know."""
+    g = seeded(seed)
+    k = len(singular_values)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    return U @ torch.diag(torch.as_tensor(singular_values, dtype=torch.float64)) @ V.T, U, V
+
+
+def spread(values):
+    return (values.max() / values.min()).item()
+
+
+# -----------------------------------------------------------------------------
+# An independent, straight-line re-derivation of every update rule (SPEC.md 1-3),
+# written without any of reg.py's functions, for one 2-D matrix at a time.
+# -----------------------------------------------------------------------------
+
+def ref_newton_schulz(G, steps=5):
+    X = G.T if G.shape[0] > G.shape[1] else G
+    X = X / max(torch.linalg.matrix_norm(X).item(), 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
+    return X.T if G.shape[0] > G.shape[1] else X
+
+
+def ref_direction(name, U, v):
+    """Returns (D, new_v, rms_is_measured)."""
+    if name == "muon":
+        return ref_newton_schulz(U), v, False
+    if name.startswith("muoneq"):
+        mode = name.split("-")[1].upper()
+        row = torch.diag(1 / torch.sqrt((U * U).sum(1) + 1e-8))
+        col = torch.diag(1 / torch.sqrt((U * U).sum(0) + 1e-8))
+        E = {"R": row @ U, "C": U @ col, "RC": row @ U @ col}[mode]
+        return ref_newton_schulz(E), v, False
+    if name == "normuon":
+        O = ref_newton_schulz(U)
+        v = 0.95 * v + 0.05 * (O * O).mean(1, keepdim=True)
+        return O / (torch.sqrt(v) + 1e-8), v, True
+    if name == "reg":
+        r = torch.sqrt((U * U).sum(1))
+        c = torch.sqrt((U * U).sum(0))
+        return torch.diag(r ** -0.5) @ U @ torch.diag(c ** -0.5), v, True
+    raise AssertionError(name)
+
+
+def ref_run(name, W, grads, lr, wd, scale, mu=0.95):
+    m, n = W.shape
+    B = torch.zeros_like(W)
+    v = torch.zeros(m, 1, dtype=W.dtype)
+    for G in grads:
+        B = mu * B + (1 - mu) * G
+        U = (1 - mu) * G + mu * B
+        D, v, measured = ref_direction(name, U, v)
+        if measured:  # bring D to the Frobenius norm of a semi-orthogonal m x n matrix
+            D = D * math.sqrt(min(m, n)) / torch.linalg.matrix_norm(D)
+        factor = 0.2 * math.sqrt(max(m, n)) if scale == "rms" else math.sqrt(max(1, m / n))
+        W = W * (1 - lr * wd) - lr * factor * D
+    return W
+
+
+@pytest.mark.parametrize("scale", ["rms", "spectral"])
+@pytest.mark.parametrize("name", MATRIX_NAMES)
+def test_update_rule_matches_straight_line_derivation_in_float64(name, scale):
+    g = seeded(1)
+    for shape in [(24, 40), (40, 24)]:  # wide and tall (the transposed NS path)
+        W0 = torch.randn(*shape, generator=g, dtype=torch.float64)
+        grads = [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(6)]
+        p = nn.Parameter(W0.clone())
+        opt = reg.build_optimizer(name, [dict(params=[p])], lr=0.03, weight_decay=0.1,
+                                  scale=scale, **({} if name == "reg" else {"ns_dtype": torch.float64}))
+        for G in grads:
+            p.grad = G.clone()
+            opt.step()
+        expected = ref_run(name, W0, grads, lr=0.03, wd=0.1, scale=scale)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-12)
+
+
+def test_adamw_part_equals_torch_adamw():
+    # The embeddings, head and vectors are stepped by the AdamW inside each optimizer:
+    # it must be torch.optim.AdamW (decoupled decay, bias correction), group by group.
+    g = seeded(11)
+    shapes = [(10, 6), (6,), (3, 2, 2)]
+    W0 = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(5)]
+    ours = [nn.Parameter(w.clone()) for w in W0]
+    theirs = [nn.Parameter(w.clone()) for w in W0]
+    opt_ours = reg.REG([dict(params=ours[:2], use_adamw=True),
+                        dict(params=ours[2:], use_adamw=True, weight_decay=0.0, lr=3e-3)],
+                       lr=1e-2, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-6)
+    opt_theirs = torch.optim.AdamW([dict(params=theirs[:2]),
+                                    dict(params=theirs[2:], weight_decay=0.0, lr=3e-3)],
+                                   lr=1e-2, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-6)
+    for step_grads in grads:
+        for a, b, G in zip(ours, theirs, step_grads):
+            a.grad, b.grad = G.clone(), G.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+# -----------------------------------------------------------------------------
+# Parity with torch.optim.Muon
+# -----------------------------------------------------------------------------
+
+MUON_SCALES = [("spectral", "original"), ("rms", "match_rms_adamw")]
+
+
+def run_both(ours_kw, theirs_kw, steps=10, shapes=((64, 32), (32, 96), (48, 48))):
+    g = seeded(2)
+    W0 = [torch.randn(*s, generator=g) for s in shapes]
+    grads = [[torch.randn(*s, generator=g) for s in shapes] for _ in range(steps)]
+    ours = [nn.Parameter(w.clone()) for w in W0]
+    theirs = [nn.Parameter(w.clone()) for w in W0]
+    opt_ours = reg.Muon([dict(params=ours)], lr=0.02, **ours_kw)
+    opt_theirs = torch.optim.Muon(theirs, lr=0.02, **theirs_kw)
+    for step_grads in grads:
+        for a, b, G in zip(ours, theirs, step_grads):
+            a.grad, b.grad = G.clone(), G.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    return W0, ours, theirs
+
+
+@pytest.mark.parametrize("scale,adjust_lr_fn", MUON_SCALES)
+def test_muon_follows_torch_muon_within_bfloat16_noise(scale, adjust_lr_fn):
+    # Both run Newton-Schulz in bfloat16 (8 bits of mantissa) but order their matmuls
+    # differently (we: a X + (b A + c A A) X; torch: addmm chains), so each step differs by
+    # bfloat16 round-off. Over 10 steps that is ~1.3% of the total displacement here; 3%
+    # leaves room for other seeds while a wrong scale, sign or momentum form is >> 3%.
+    W0, ours, theirs = run_both(dict(scale=scale, ns_dtype=torch.bfloat16),
+                                dict(adjust_lr_fn=adjust_lr_fn))
+    for w, a, b in zip(W0, ours, theirs):
+        rel = ((a - b).norm() / (b - w).norm()).item()
+        assert rel < 0.03, f"{tuple(w.shape)}: {rel:.4f} of the displacement"
+
+
+@pytest.mark.parametrize("scale,adjust_lr_fn", MUON_SCALES)
+def test_muon_equals_torch_muon_when_both_orthogonalize_in_float32(scale, adjust_lr_fn, monkeypatch):
+    # torch.optim.Muon hard-codes bfloat16 in its Newton-Schulz. Re-running its optimizer
+    # loop with the same iteration in float32 isolates everything else (momentum, Nesterov,
+    # weight decay, lr adjustment), which must then agree to float32 round-off.
+    import torch.optim._muon as torch_muon
+    if not hasattr(torch_muon, "_zeropower_via_newtonschulz"):
+        pytest.skip("this torch version has no torch.optim._muon._zeropower_via_newtonschulz")
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz",
+                        lambda grad, coefficients, steps, eps: ref_newton_schulz(grad.float(), steps))
+    W0, ours, theirs = run_both(dict(scale=scale, ns_dtype=torch.float32),
+                                dict(adjust_lr_fn=adjust_lr_fn))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# The building blocks (SPEC.md section 5)
+# -----------------------------------------------------------------------------
+
+def mapped_singular_values(G, U, V):
+    """NS acts on each singular value alone, keeping the singular vectors: read the
+    new values off U^T NS(G) V."""
+    return torch.diag(U.T @ reg.newton_schulz(G, dtype=torch.float64) @ V)
+
+
+def test_newton_schulz_lands_well_conditioned_singular_values_in_range():
+    for s in ([1.0] * 16, torch.linspace(1, 0.1, 16), torch.logspace(0, -2, 16)):
+        G, U, V = matrix_with_spectrum(48, 24, s)
+        out = mapped_singular_values(G, U, V)
+        assert out.min() >= 0.6 and out.max() <= 1.25, out
+        full = torch.linalg.svdvals(reg.newton_schulz(G, dtype=torch.float64))
+        assert full[:16].min() >= 0.6 and full.max() <= 1.25
+
+
+def test_newton_schulz_on_ill_conditioned_input_lifts_all_but_the_tiniest():
+    # Condition number 1e6: every singular value above 1.5e-3 of ||G||_F lands in range;
+    # those below 1e-3 are lifted (by at most a^5 ~ 490) but stay below 0.6: the caveat
+    # the docstring states (the boundary sits at ~1.25e-3).
+    s = torch.logspace(0, -6, 64, dtype=torch.float64)
+    G, U, V = matrix_with_spectrum(128, 64, s)
+    out = mapped_singular_values(G, U, V)
+    x0 = s / s.norm()
+    big, tiny = x0 >= 1.5e-3, x0 < 1e-3
+    assert big.sum() > 20 and tiny.sum() > 20
+    assert out[big].min() >= 0.6 and out.max() <= 1.25
+    assert (out[tiny] < 0.6).all() and (out[tiny] > x0[tiny]).all()
+    assert (out[tiny] <= 3.4445 ** 5 * x0[tiny] * 1.001).all()
+
+
+def test_newton_schulz_batches_transposes_and_keeps_dtype():
+    g = seeded(3)
+    G = torch.randn(3, 20, 12, generator=g)
+    batched = reg.newton_schulz(G)
+    assert batched.shape == G.shape and batched.dtype == torch.float32
+    for k in range(3):
+        torch.testing.assert_close(batched[k], reg.newton_schulz(G[k]), rtol=1e-5, atol=1e-6)
+    assert reg.newton_schulz(G.double()).dtype == torch.float64
+    assert reg.newton_schulz(G, dtype=torch.bfloat16).dtype == torch.float32
+    assert torch.equal(reg.newton_schulz(torch.zeros(5, 7)), torch.zeros(5, 7))
+    with pytest.raises(ValueError, match="newton_schulz needs"):
+        reg.newton_schulz(torch.ones(4))
+
+
+def test_equilibrate_r_gives_unit_rows_c_unit_columns_rc_one_two_sided_step():
+    g = seeded(4)
+    U = torch.randn(2, 10, 7, generator=g, dtype=torch.float64) * torch.logspace(0, 3, 10, dtype=torch.float64)[:, None]
+    ones_rows, ones_cols = torch.ones(2, 10, dtype=torch.float64), torch.ones(2, 7, dtype=torch.float64)
+    torch.testing.assert_close(reg.equilibrate(U, "R").norm(dim=-1), ones_rows)
+    torch.testing.assert_close(reg.equilibrate(U, "C").norm(dim=-2), ones_cols)
+    r = (U.square().sum(-1, keepdim=True) + 1e-8).rsqrt()
+    c = (U.square().sum(-2, keepdim=True) + 1e-8).rsqrt()
+    torch.testing.assert_close(reg.equilibrate(U, "RC"), r * U * c)
+    assert torch.equal(reg.equilibrate(torch.zeros(3, 4), "RC"), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="mode must be"):
+        reg.equilibrate(U, "X")
+
+
+def test_muoneq_feeds_newton_schulz_unit_rows_or_columns(monkeypatch):
+    seen = []
+    monkeypatch.setattr(reg, "newton_schulz", lambda X, **kw: seen.append(X.clone()) or X)
+    g = seeded(5)
+    for mode, dim in (("R", -1), ("C", -2)):
+        p = nn.Parameter(torch.randn(12, 9, generator=g, dtype=torch.float64))
+        p.grad = torch.randn(12, 9, generator=g, dtype=torch.float64) * 100
+        reg.MuonEq([dict(params=[p])], mode=mode).step()
+        norms = seen[-1].norm(dim=dim)
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_normuon_rows_have_equal_norms_after_the_first_step_and_update_rms_is_0_2():
+    g = seeded(6)
+    W0 = torch.randn(16, 40, generator=g)
+    p = nn.Parameter(W0.clone())
+    p.grad = torch.randn(16, 40, generator=g) * torch.logspace(-2, 2, 16)[:, None]
+    reg.NorMuon([dict(params=[p])], lr=0.1, weight_decay=0.0).step()
+    step = (W0 - p.detach()) / 0.1
+    row_norms = step.norm(dim=1)
+    assert spread(row_norms) < 1 + 1e-5
+    assert step.square().mean().sqrt().item() == pytest.approx(0.2, rel=1e-5)
+
+
+def test_normuon_normalize_is_the_documented_formula():
+    g = seeded(7)
+    O, v = torch.randn(3, 5, 8, generator=g), torch.rand(3, 5, 1, generator=g)
+    O_hat, new_v = reg.normuon_normalize(O, v, beta2=0.9)
+    expected_v = 0.9 * v + 0.1 * O.square().mean(-1, keepdim=True)
+    torch.testing.assert_close(new_v, expected_v)
+    torch.testing.assert_close(O_hat, O / (expected_v.sqrt() + 1e-8))
+
+
+def badly_scaled(seed=8):
+    g = seeded(seed)
+    rows = torch.logspace(0, 4, 60, dtype=torch.float64)[:, None]
+    cols = torch.logspace(0, 2, 30, dtype=torch.float64)[None, :]
+    return torch.randn(60, 30, generator=g, dtype=torch.float64) * rows * cols
+
+
+def test_racs_is_scale_invariant():
+    U = badly_scaled()
+    for alpha in (1e-6, 0.3, 7.0, 1e6):
+        torch.testing.assert_close(reg.racs(alpha * U), reg.racs(U))
+        torch.testing.assert_close(reg.racs(alpha * U, p=1, steps=3), reg.racs(U, p=1, steps=3))
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+def test_racs_shrinks_row_and_column_spread_each_step_until_balanced(p):
+    U = badly_scaled()
+    norm = lambda X, dim: torch.linalg.vector_norm(X, ord=p, dim=dim)
+    rows, cols = [spread(norm(U, 1))], [spread(norm(U, 0))]
+    for steps in range(1, 6):
+        X = reg.racs(U, p=p, steps=steps)
+        rows.append(spread(norm(X, 1)))
+        cols.append(spread(norm(X, 0)))
+    assert all(a > b for a, b in zip(rows, rows[1:])), rows
+    assert all(a > b for a, b in zip(cols, cols[1:])), cols
+    # One step takes roughly the square root of the row spread (the "gentle" step).
+    assert math.sqrt(rows[0]) / 3 < rows[1] < math.sqrt(rows[0]) * 3
+    X = reg.racs(U, p=p, steps=60)
+    assert spread(norm(X, 1)) < 1.01 and spread(norm(X, 0)) < 1.01
+
+
+def test_racs_keeps_zero_rows_and_zero_matrices_zero_and_batches():
+    U = badly_scaled()
+    U[3] = 0
+    U[:, 5] = 0
+    X = reg.racs(U, steps=4)
+    assert torch.isfinite(X).all()
+    assert torch.equal(X[3], torch.zeros_like(X[3])) and torch.equal(X[:, 5], torch.zeros_like(X[:, 5]))
+    assert torch.equal(reg.racs(torch.zeros(4, 6)), torch.zeros(4, 6))
+    batch = torch.stack([badly_scaled(1), badly_scaled(2)])
+    torch.testing.assert_close(reg.racs(batch)[1], reg.racs(badly_scaled(2)))
+    with pytest.raises(ValueError, match="p must be"):
+        reg.racs(U, p=3)
+
+
+@pytest.mark.parametrize("shape", [(16, 40), (40, 16), (8, 3, 3, 3)])
+def test_reg_update_rms_is_exactly_0_2(shape):
+    g = seeded(9)
+    W0 = torch.randn(*shape, generator=g)
+    p = nn.Parameter(W0.clone())
+    rows = torch.logspace(-3, 3, shape[0]).reshape(-1, *[1] * (len(shape) - 1))
+    p.grad = torch.randn(*shape, generator=g) * rows
+    reg.REG([dict(params=[p])], lr=0.1, weight_decay=0.0).step()
+    rms = ((W0 - p.detach()) / 0.1).square().mean().sqrt().item()
+    assert rms == pytest.approx(0.2, rel=1e-5)
+
+
+def test_update_scale_formulas_and_zero_direction():
+    D = torch.randn(2, 6, 24)
+    assert reg.update_scale(D, "rms") == pytest.approx(0.2 * math.sqrt(24))
+    assert reg.update_scale(D.mT, "spectral") == pytest.approx(math.sqrt(4))
+    assert reg.update_scale(D, "spectral") == 1.0
+    measured = D * reg.update_scale(D, "rms", measure_rms=True)
+    torch.testing.assert_close(measured.square().mean(dim=(-2, -1)).sqrt(), torch.full((2,), 0.2))
+    zero = torch.zeros(6, 24)
+    assert torch.equal(zero * reg.update_scale(zero, "rms", measure_rms=True), zero)
+    with pytest.raises(ValueError, match="scale must be"):
+        reg.update_scale(D, "adam")
+
+
+# -----------------------------------------------------------------------------
+# Routing parameters
+# -----------------------------------------------------------------------------
+
+class TinyGPT(nn.Module):
+    """Embeddings, two blocks with LayerNorm and Linear layers, a head tied to wte."""
+
+    def __init__(self, vocab=32, width=16):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width),
+                                                    nn.GELU(), nn.Linear(2 * width, width))
+                                      for _ in range(2)])
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx):
+        return self.lm_head(self.blocks(self.wte(idx)))
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, classes=4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def group_ids(groups):
+    return {g["name"]: {id(p) for p in g["params"]} for g in groups}
+
+
+def test_param_groups_routes_hidden_matrices_to_the_matrix_rule():
+    model = TinyGPT()
+    ids = group_ids(reg.param_groups(model))
+    hidden = {id(l.weight) for blk in model.blocks for l in blk if isinstance(l, nn.Linear)}
+    assert ids["matrix"] == hidden
+    assert ids["adamw"] == {id(model.wte.weight)}  # the tied head, once
+    assert id(model.blocks[0][0].weight) in ids["adamw_no_decay"]
+    assert id(model.blocks[0][1].bias) in ids["adamw_no_decay"]
+
+    cnn = TinyCNN()
+    ids = group_ids(reg.param_groups(cnn))
+    assert ids["matrix"] == {id(cnn.conv1.weight), id(cnn.conv2.weight)}
+    assert ids["adamw"] == {id(cnn.fc.weight)}
+    assert id(cnn.bn1.weight) in ids["adamw_no_decay"]
+    assert next(g for g in reg.param_groups(cnn) if g["name"] == "adamw_no_decay")["weight_decay"] == 0.0
+
+
+def test_param_groups_overrides():
+    cnn = TinyCNN()
+    ids = group_ids(reg.param_groups(cnn, head=None, adamw_names=["conv1"]))
+    assert ids["matrix"] == {id(cnn.conv2.weight), id(cnn.fc.weight)}
+    assert ids["adamw"] == {id(cnn.conv1.weight)}
+    ids = group_ids(reg.param_groups(cnn, matrix_names=["fc.weight"]))
+    assert id(cnn.fc.weight) in ids["matrix"]
+    with pytest.raises(TypeError, match="nn.Module"):
+        reg.param_groups([nn.Parameter(torch.ones(2, 2))])
+
+
+# -----------------------------------------------------------------------------
+# Every optimizer: learns, resumes exactly, survives edge cases
+# -----------------------------------------------------------------------------
+
+def classification_problem(seed=10, n=256, dim=20, classes=5):
+    """A fixed, learnable synthetic task: labels from a random 2-layer teacher."""
+    g = seeded(seed)
+    X = torch.randn(n, dim, generator=g)
+    teacher = torch.randn(dim, 32, generator=g), torch.randn(32, classes, generator=g)
+    y = (torch.tanh(X @ teacher[0]) @ teacher[1]).argmax(1)
+    return X, y
+
+
+def mlp(seed=0, dim=20, classes=5):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, classes))
+
+
+def train(model, opt, X, y, steps):
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_optimizer_learns_a_real_problem(name):
+    X, y = classification_problem()
+    model = mlp()
+    losses = train(model, reg.build_optimizer(name, model, lr=1e-2), X, y, steps=60)
+    assert losses[-1] < 0.3 * losses[0], f"{name}: {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip_continues_bit_identically(name):
+    X, y = classification_problem()
+    model = mlp()
+    opt = reg.build_optimizer(name, model, lr=1e-2)
+    train(model, opt, X, y, steps=3)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    straight = train(model, opt, X, y, steps=4)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2 = mlp(seed=123)  # different init: everything must come from the checkpoint
+    model2.load_state_dict(saved["model"])
+    opt2 = reg.build_optimizer(name, model2, lr=1e-2)
+    opt2.load_state_dict(saved["opt"])
+    resumed = train(model2, opt2, X, y, steps=4)
+    assert resumed == straight
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_gradients_give_finite_steps(name):
+    model = mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = reg.build_optimizer(name, model, lr=1e-2, weight_decay=0.0)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    for b, p in zip(before, model.parameters()):
+        assert torch.equal(b, p.detach())  # no gradient, no decay: nothing may move
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_without_gradient_is_skipped(name):
+    X, y = classification_problem()
+    model = mlp()
+    frozen_layer = model[2]
+    before = frozen_layer.weight.detach().clone()
+    opt = reg.build_optimizer(name, model, lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(X), y).backward()
+        frozen_layer.weight.grad = None
+        opt.step()
+    assert torch.equal(frozen_layer.weight.detach(), before)
+    assert frozen_layer.weight not in opt.state or not opt.state[frozen_layer.weight]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_conv_kernels_and_bfloat16_parameters_work(name):
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    for dtype in (torch.float32, torch.bfloat16):
+        model = TinyCNN().to(dtype)
+        opt = reg.build_optimizer(name, model, lr=1e-2)
+        before = model.conv2.weight.detach().clone()
+        losses = train(model, opt, x.to(dtype), y, steps=8)
+        assert all(math.isfinite(v) for v in losses)
+        assert losses[-1] < losses[0]
+        assert model.conv2.weight.dtype == dtype and model.conv2.weight.shape == (8, 8, 3, 3)
+        assert not torch.equal(model.conv2.weight.detach(), before)
+        for p in model.parameters():
+            assert torch.isfinite(p).all()
+
+
+# -----------------------------------------------------------------------------
+# Bad input: a clear error that names the problem
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MATRIX_NAMES)
+def test_bad_hyperparameters_are_named(name):
+    model = mlp()
+    cases = [(dict(lr=-1e-3), "lr must be"), (dict(momentum=1.0), "momentum"),
+             (dict(momentum=-0.1), "momentum"), (dict(weight_decay=-1), "weight_decay must be"),
+             (dict(scale="adam"), "scale must be"), (dict(betas=(0.9, 1.5)), r"betas\[1\]"),
+             (dict(nesterove=False), "unexpected option")]
+    for kw, message in cases:
+        with pytest.raises((ValueError, TypeError), match=message):
+            reg.build_optimizer(name, model, **kw)
+
+
+def test_bad_method_options_and_names():
+    model = mlp()
+    with pytest.raises(ValueError, match="mode must be"):
+        reg.MuonEq(reg.param_groups(model), mode="rows")
+    with pytest.raises(ValueError, match="p must be"):
+        reg.REG(reg.param_groups(model), p=3)
+    with pytest.raises(ValueError, match="racs_steps"):
+        reg.REG(reg.param_groups(model), racs_steps=0)
+    with pytest.raises(ValueError, match="beta2"):
+        reg.NorMuon(reg.param_groups(model), beta2=1.0)
+    with pytest.raises(ValueError, match="ns_steps"):
+        reg.Muon(reg.param_groups(model), ns_steps=0)
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'; known: adamw, muon"):
+        reg.build_optimizer("lion", model)
+    with pytest.raises(ValueError, match="param group 1"):
+        reg.Muon([dict(params=[model[0].weight]), dict(params=[model[2].weight], lr=-1)])
+    with pytest.raises(ValueError, match=r"shape \(64,\) is in a matrix group.*param_groups"):
+        reg.Muon(model.parameters())
+    with pytest.raises(TypeError, match="abstract"):
+        reg.MatrixOptimizer(reg.param_groups(model))
+
+
+@pytest.mark.parametrize("name", MATRIX_NAMES)
+def test_sparse_and_complex_gradients_are_refused_clearly(name):
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = reg.build_optimizer(name, [dict(params=[emb.weight], use_adamw=True)])
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match=r"shape \(10, 4\) has a sparse gradient"):
+        opt.step()
+    w = nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+    w.grad = torch.ones_like(w)
+    opt = reg.build_optimizer(name, [dict(params=[w])])
+    with pytest.raises(RuntimeError, match="is complex"):
+        opt.step()
