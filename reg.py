@@ -224,6 +224,8 @@ def use_compiled_math():
     fuses the elementwise work around the matmuls (and all of RACS) into fewer kernels.
     The first step of each matrix shape then pays for compilation."""
     global newton_schulz, equilibrate, normuon_normalize, racs, update_scale
+    if hasattr(newton_schulz, "_torchdynamo_orig_callable"):  # compiled already
+        return
     newton_schulz, equilibrate = torch.compile(newton_schulz), torch.compile(equilibrate)
     normuon_normalize, racs = torch.compile(normuon_normalize), torch.compile(racs)
     update_scale = torch.compile(update_scale)

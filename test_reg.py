@@ -1,4 +1,5 @@
-"""Tests for reg.py: the math against its sources, and every optimizer's behaviour.
+"""Tests for reg.py (the math against its sources, every optimizer's behaviour) and for
+train_gpt.py (data preparation, training, resume, fine-tuning, clear errors).
 
     python -m pytest -q test_reg.py
 
@@ -7,15 +8,20 @@ torch.optim) asks for, and fails when that property breaks. Everything runs on t
 with small fixtures made here, in well under a minute.
 """
 
-import copy
+import gzip
 import io
+import json
 import math
+import urllib.error
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import reg
+import train_gpt
 
 NAMES = list(reg.OPTIMIZERS)
 MATRIX_NAMES = [n for n in NAMES if n != "adamw"]
@@ -566,3 +572,251 @@ def test_sparse_and_complex_gradients_are_refused_clearly(name):
     opt = reg.build_optimizer(name, [dict(params=[w])])
     with pytest.raises(RuntimeError, match="is complex"):
         opt.step()
+
+
+# =============================================================================
+# train_gpt.py: data preparation, training, resume, fine-tuning, bad input
+# =============================================================================
+
+
+DOCS = ["the cat sat on the mat. " * 6, "a dog ran in the park; the dog ran fast. " * 5,
+        "then the rain came and the cat hid. " * 4, "birds sing in the morning light. " * 7,
+        "the end of the story is near, the end. " * 5, "one more small document here. " * 6]
+
+
+def bpe_fixture(directory, merges=(("t", "h"), ("th", "e"), ("a", "t"), ("Ġ", "th"))):
+    """A tiny GPT-2-format BPE (encoder.json + vocab.bpe): the 256 byte tokens in GPT-2's
+    byte-to-unicode order, a few merges and <|endoftext|>; tiktoken reads it as it reads
+    the real files, so the tests need no network and no ../shared."""
+    directory.mkdir(parents=True, exist_ok=True)
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    char = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+    encoder = {char[b]: rank for rank, b in enumerate(printable + others)}
+    for a, b in merges:
+        encoder[a + b] = len(encoder)
+    encoder["<|endoftext|>"] = len(encoder)
+    (directory / "encoder.json").write_text(json.dumps(encoder))
+    (directory / "vocab.bpe").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return directory
+
+
+@pytest.fixture
+def bpe(tmp_path):
+    return bpe_fixture(tmp_path / "bpe")
+
+
+def write_corpus(path, docs, fmt):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"text": docs}), path)
+    elif fmt in ("jsonl", "jsonl.gz"):
+        opener = gzip.open if fmt.endswith("gz") else open
+        with opener(path, "wt", encoding="utf-8") as f:
+            for d in docs:
+                f.write(json.dumps({"text": d}) + "\n")
+    else:
+        path.write_text(docs[0] if len(docs) == 1 else "".join(docs))
+    return path
+
+
+def split_docs(tokens, eot):
+    """Cut a token stream at EOT into documents (each must end with EOT)."""
+    assert tokens[-1] == eot
+    cuts = np.flatnonzero(tokens == eot)
+    return [tuple(d) for d in np.split(tokens, cuts + 1)[:-1]]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "jsonl.gz"])
+def test_prepare_keeps_documents_whole_with_eot_and_splits_by_document(tmp_path, bpe, fmt):
+    source = write_corpus(tmp_path / f"corpus.{fmt}", DOCS, fmt)
+    tok = train_gpt.load_tokenizer(bpe)
+    meta = train_gpt.prepare([source], tmp_path / "cache", tok, val_fraction=0.34, seed=0)
+    train = np.fromfile(tmp_path / "cache" / "train.bin", dtype=np.uint16)
+    val = np.fromfile(tmp_path / "cache" / "val.bin", dtype=np.uint16)
+    expected = {tuple(tok.encode_ordinary(d) + [tok.eot_token]) for d in DOCS}
+    got_train, got_val = split_docs(train, tok.eot_token), split_docs(val, tok.eot_token)
+    assert set(got_train) | set(got_val) == expected and not set(got_train) & set(got_val)
+    assert len(got_val) == meta["n_val_docs"] == 2 and len(got_train) == 4
+    assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
+    # The same seed gives the same split; another seed another one.
+    again = train_gpt.prepare([source], tmp_path / "cache2", tok, val_fraction=0.34, seed=0)
+    assert np.array_equal(np.fromfile(tmp_path / "cache2" / "val.bin", dtype=np.uint16), val)
+    assert again["val_tokens"] == meta["val_tokens"]
+
+
+def test_prepare_splits_a_single_text_file_by_position(tmp_path, bpe):
+    source = write_corpus(tmp_path / "one.txt", ["".join(DOCS)], "txt")
+    tok = train_gpt.load_tokenizer(bpe)
+    meta = train_gpt.prepare([source], tmp_path / "cache", tok, val_fraction=0.1, seed=0)
+    train = np.fromfile(tmp_path / "cache" / "train.bin", dtype=np.uint16)
+    val = np.fromfile(tmp_path / "cache" / "val.bin", dtype=np.uint16)
+    whole = tok.encode_ordinary("".join(DOCS)) + [tok.eot_token]
+    assert list(np.concatenate([train, val])) == whole
+    assert meta["val_tokens"] == round(0.1 * len(whole))
+
+
+def test_prepare_reuses_its_cache_and_rebuilds_a_stale_or_truncated_one(tmp_path, bpe, capsys, monkeypatch):
+    source = write_corpus(tmp_path / "c.jsonl", DOCS, "jsonl")
+    tok = train_gpt.load_tokenizer(bpe)
+    cache = tmp_path / "cache"
+    first = train_gpt.prepare([source], cache, tok, 0.34, 0)
+    train_bytes = (cache / "train.bin").read_bytes()
+
+    with monkeypatch.context() as m:  # a reused cache reads no text at all
+        m.setattr(train_gpt, "read_documents", lambda f: pytest.fail("re-read the source"))
+        assert train_gpt.prepare([source], cache, tok, 0.34, 0) == first
+
+    with open(cache / "train.bin", "r+b") as f:
+        f.truncate(len(train_bytes) - 6)
+    train_gpt.prepare([source], cache, tok, 0.34, 0)
+    assert "truncated" in capsys.readouterr().out
+    assert (cache / "train.bin").read_bytes() == train_bytes
+
+    write_corpus(source, DOCS + ["a new document arrives. " * 5], "jsonl")
+    changed = train_gpt.prepare([source], cache, tok, 0.34, 0)
+    assert "stale" in capsys.readouterr().out
+    assert changed["n_docs"] == len(DOCS) + 1
+
+
+def test_local_bpe_files_give_the_gpt2_tokenizer_when_shared_data_is_there():
+    shared = Path(__file__).resolve().parent.parent / "shared" / "data" / "gpt2-bpe"
+    if not shared.is_dir():
+        pytest.skip("../shared/data/gpt2-bpe is not beside this checkout")
+    tok = train_gpt.load_tokenizer(shared)
+    assert tok.encode_ordinary("hello world") == [31373, 995] and tok.eot_token == 50256
+
+
+def gpt_args(tmp_path, data, bpe, *extra):
+    return ["--data", str(data), "--bpe-dir", str(bpe), "--cache-dir", str(tmp_path / "cache"),
+            "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--preset", "tiny",
+            "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+            "--batch-size", "8", "--eval-batches", "2", "--val-fraction", "0.34",
+            "--warmup-steps", "3", "--quiet", *extra]
+
+
+def read_run_log(tmp_path, run):
+    return [json.loads(l) for l in (tmp_path / "out" / run / "log.jsonl").read_text().splitlines()]
+
+
+def test_train_gpt_every_optimizer_lowers_the_loss(tmp_path, bpe):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    train_gpt.main(gpt_args(tmp_path, data, bpe, "--optimizer", ",".join(NAMES), "--lr", "1e-2",
+                            "--max-steps", "30", "--eval-every", "10"))
+    vocab = train_gpt.load_tokenizer(bpe).n_vocab
+    for name in NAMES:
+        log = read_run_log(tmp_path, f"{name}-lr0.01-s0")
+        assert [e["step"] for e in log] == [10, 20, 30]
+        assert log[-1]["val_loss"] < log[0]["val_loss"] < math.log(vocab), name
+    results = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert results[0].startswith("optimizer,lr,seed") and len(results) == 1 + len(NAMES)
+
+
+def test_train_gpt_resume_matches_an_uninterrupted_run(tmp_path, bpe, monkeypatch):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    common = ["--optimizer", "normuon", "--max-steps", "24", "--eval-every", "6", "--lr", "5e-3"]
+    train_gpt.main(gpt_args(tmp_path, data, bpe, *common, "--out-dir", str(tmp_path / "straight")))
+    straight = [json.loads(l) for l in (tmp_path / "straight" / "normuon-lr0.005-s0" / "log.jsonl").read_text().splitlines()]
+
+    calls = {"n": 0}
+    original_next = train_gpt.Batches.next
+
+    def interrupt_at_step_15(self):
+        calls["n"] += 1
+        if calls["n"] == 15:
+            raise KeyboardInterrupt
+        return original_next(self)
+
+    monkeypatch.setattr(train_gpt.Batches, "next", interrupt_at_step_15)
+    with pytest.raises(KeyboardInterrupt):
+        train_gpt.main(gpt_args(tmp_path, data, bpe, *common))
+    monkeypatch.setattr(train_gpt.Batches, "next", original_next)
+    run = tmp_path / "out" / "normuon-lr0.005-s0"
+    assert torch.load(run / "ckpt.pt", weights_only=False)["step"] == 12  # the last checkpoint
+    train_gpt.main(["--resume", str(run), "--quiet"])
+    resumed = read_run_log(tmp_path, "normuon-lr0.005-s0")
+    for key in ("step", "train_loss", "val_loss", "lr", "tokens"):
+        assert [e[key] for e in resumed] == [e[key] for e in straight], key
+
+
+def test_train_gpt_init_from_starts_from_the_checkpoint_weights(tmp_path, bpe):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS, "jsonl")
+    other = write_corpus(tmp_path / "other.txt", ["a different text about stars and the sea. " * 30], "txt")
+    train_gpt.main(gpt_args(tmp_path, data, bpe, "--optimizer", "adamw", "--max-steps", "10",
+                            "--eval-every", "5"))
+    pre = tmp_path / "out" / "adamw-lr0.003-s0" / "ckpt.pt"
+    # lr 0: the fine-tuning run must end exactly where the checkpoint began.
+    train_gpt.main(gpt_args(tmp_path, other, bpe, "--optimizer", "reg", "--max-steps", "2",
+                            "--eval-every", "2", "--lr", "0", "--init-from", str(pre),
+                            "--out-dir", str(tmp_path / "ft")))
+    before = torch.load(pre, weights_only=False)["model"]
+    after = torch.load(tmp_path / "ft" / "reg-lr0-s0" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_train_gpt_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, bpe, monkeypatch, capsys):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 2, "jsonl")
+    original_step = reg.REG.step  # patched on the class itself: torch.optim wraps each class's step
+    calls = {"n": 0}
+
+    def poison_after_7(self, closure=None):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data.fill_(float("nan"))
+        return original_step(self, closure)
+
+    monkeypatch.setattr(reg.REG, "step", poison_after_7)
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt.main(gpt_args(tmp_path, data, bpe, "--optimizer", "reg", "--max-steps", "20",
+                                "--eval-every", "5", "--log-every", "5"))
+    message = str(exit_info.value)
+    assert "the loss became nan at step 8" in message and "last good checkpoint" in message
+    assert torch.load(tmp_path / "out" / "reg-lr0.003-s0" / "ckpt.pt", weights_only=False)["step"] == 5
+
+
+def expect_error(argv, *fragments):
+    with pytest.raises(SystemExit) as exit_info:
+        train_gpt.main(argv)
+    message = str(exit_info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    assert "Traceback" not in message
+
+
+def test_train_gpt_bad_input_gives_clear_errors(tmp_path, bpe, monkeypatch, capsys):
+    good = write_corpus(tmp_path / "c.jsonl", DOCS, "jsonl")
+    expect_error(gpt_args(tmp_path, tmp_path / "missing.txt", bpe), "no such file")
+    (tmp_path / "empty.txt").write_text("")
+    expect_error(gpt_args(tmp_path, tmp_path / "empty.txt", bpe), "no text in")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "notext.parquet")
+    expect_error(gpt_args(tmp_path, tmp_path / "notext.parquet", bpe), "no `text` column", "body")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"title": "no text"}\n')
+    expect_error(gpt_args(tmp_path, tmp_path / "bad.jsonl", bpe), "line 2", "no `text` field")
+    expect_error(gpt_args(tmp_path, good, bpe, "--block-size", "100000"),
+                 "too few for --block-size 100000")
+    with pytest.raises(SystemExit):
+        train_gpt.main(gpt_args(tmp_path, good, bpe, "--optimizer", "adamw,lion"))
+    assert "unknown optimizer lion; known: adamw" in capsys.readouterr().err
+    expect_error(gpt_args(tmp_path, good, tmp_path / "nowhere"), "encoder.json is missing")
+    expect_error(["--resume", str(tmp_path / "no-run"), "--device", "cpu"], "no checkpoint there")
+
+
+def test_train_gpt_offline_without_cache_names_the_url_and_the_alternative(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(train_gpt.urllib.request, "urlopen", offline)
+    expect_error(["--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--quiet"],
+                 train_gpt.OWT_URL, str(tmp_path / "cache" / "openwebtext-100k"), "--data")
+    assert not list((tmp_path / "cache").rglob("*.parquet*"))  # nothing that looks complete
+
+    import tiktoken
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(train_gpt.DataError, match="--bpe-dir"):
+        train_gpt.load_tokenizer(None)
