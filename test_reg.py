@@ -1,5 +1,5 @@
-"""Tests for reg.py (the math against its sources, every optimizer's behaviour) and for
-train_gpt.py (data preparation, training, resume, fine-tuning, clear errors).
+"""Tests for reg.py (the math against its sources, every optimizer's behaviour), and for
+train_gpt.py and train_cifar.py (data preparation, training, resume, clear errors).
 
     python -m pytest -q test_reg.py
 
@@ -9,9 +9,12 @@ with small fixtures made here, in well under a minute.
 """
 
 import gzip
+import hashlib
 import io
 import json
 import math
+import pickle
+import tarfile
 import urllib.error
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 import reg
+import train_cifar
 import train_gpt
 
 NAMES = list(reg.OPTIMIZERS)
@@ -641,7 +645,10 @@ def test_prepare_keeps_documents_whole_with_eot_and_splits_by_document(tmp_path,
     assert set(got_train) | set(got_val) == expected and not set(got_train) & set(got_val)
     assert len(got_val) == meta["n_val_docs"] == 2 and len(got_train) == 4
     assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
-    # The same seed gives the same split; another seed another one.
+    # Exact duplicates are dropped (a copy in val would be a copy of train).
+    dup = write_corpus(tmp_path / f"dup.{fmt}", DOCS + DOCS[:2], fmt)
+    assert train_gpt.prepare([dup], tmp_path / "cache3", tok, val_fraction=0.34, seed=0)["n_docs"] == len(DOCS)
+    # The same seed gives the same split.
     again = train_gpt.prepare([source], tmp_path / "cache2", tok, val_fraction=0.34, seed=0)
     assert np.array_equal(np.fromfile(tmp_path / "cache2" / "val.bin", dtype=np.uint16), val)
     assert again["val_tokens"] == meta["val_tokens"]
@@ -807,6 +814,26 @@ def test_train_gpt_bad_input_gives_clear_errors(tmp_path, bpe, monkeypatch, caps
     expect_error(["--resume", str(tmp_path / "no-run"), "--device", "cpu"], "no checkpoint there")
 
 
+def test_train_gpt_downloads_the_default_data_once_and_checks_its_size(tmp_path, bpe, monkeypatch):
+    served = write_corpus(tmp_path / "served.parquet", DOCS * 2, "parquet")
+    monkeypatch.setattr(train_gpt, "OWT_URL", served.resolve().as_uri())
+    monkeypatch.setattr(train_gpt, "OWT_BYTES", served.stat().st_size + 1)
+    argv = ["--cache-dir", str(tmp_path / "cache"), "--bpe-dir", str(bpe), "--device", "cpu",
+            "--quiet", "--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--block-size", "16",
+            "--batch-size", "4", "--max-steps", "2", "--eval-every", "2", "--eval-batches", "1",
+            "--val-fraction", "0.2", "--out-dir", str(tmp_path / "out")]
+    expect_error(argv, "bytes, expected")  # a short download is refused and removed
+    assert not list((tmp_path / "cache").rglob("*.parquet*"))
+    monkeypatch.setattr(train_gpt, "OWT_BYTES", served.stat().st_size)
+    train_gpt.main(argv)
+    assert len(list((tmp_path / "cache" / "openwebtext-100k").glob("*.parquet"))) == 1
+    # Offline afterwards, with the download deleted: the token cache alone is enough.
+    for f in (tmp_path / "cache" / "openwebtext-100k").glob("*.parquet"):
+        f.unlink()
+    monkeypatch.setattr(train_gpt.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded"))
+    train_gpt.main(argv)
+
+
 def test_train_gpt_offline_without_cache_names_the_url_and_the_alternative(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
@@ -818,5 +845,169 @@ def test_train_gpt_offline_without_cache_names_the_url_and_the_alternative(tmp_p
 
     import tiktoken
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(train_gpt.DataError, match="--bpe-dir"):
+    with pytest.raises(train_gpt.ReportedError, match="--bpe-dir"):
         train_gpt.load_tokenizer(None)
+
+
+# =============================================================================
+# train_cifar.py: official-format data, on-device augmentation, training, resume
+# =============================================================================
+
+def write_cifar(root, dataset, n_train=200, n_test=100, seed=0):
+    """An official-layout folder (Python pickles with bytes keys, as the real archives)
+    whose images are easy to tell apart: each class has its own mean colour."""
+    spec = train_cifar.DATASETS[dataset]
+    folder = root / spec["folder"]
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    n_classes = 10  # an easy task even in the 100-class layout
+    colours = rng.uniform(40, 215, size=(n_classes, 3))
+
+    def images_and_labels(n):
+        labels = rng.integers(0, n_classes, n)
+        images = colours[labels][:, :, None] + rng.normal(0, 25, (n, 3, 1024))
+        return np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072), labels.tolist()
+
+    def dump(name, n):
+        data, labels = images_and_labels(n)
+        batch = {b"data": data, b"batch_label": name.encode()}
+        if dataset == "cifar100":
+            batch |= {b"fine_labels": labels, b"coarse_labels": [l // 5 for l in labels]}
+        else:
+            batch |= {b"labels": labels}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+    for name in spec["train"]:
+        dump(name, n_train // len(spec["train"]))
+    for name in spec["test"]:
+        dump(name, n_test)
+    return folder
+
+
+def archive_of(folder):
+    path = folder.parent / "archive.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return path, hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def serve_locally(monkeypatch, dataset, archive, md5):
+    """Point the dataset's URL at a local file: the real download code runs, offline."""
+    spec = dict(train_cifar.DATASETS[dataset], url=archive.resolve().as_uri(),
+                bytes=archive.stat().st_size, md5=md5)
+    monkeypatch.setitem(train_cifar.DATASETS, dataset, spec)
+    return spec
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_download_checks_md5_extracts_and_reads_official_pickles(tmp_path, monkeypatch, dataset):
+    folder = write_cifar(tmp_path / "src", dataset)
+    archive, md5 = archive_of(folder)
+    serve_locally(monkeypatch, dataset, archive, md5)
+    cache = tmp_path / "cache"
+    extracted = train_cifar.extracted_folder(dataset, cache)
+    x, y = train_cifar.read_split(extracted, dataset, "train")
+    assert x.shape == (200, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert 0 <= y.min() and y.max() < train_cifar.DATASETS[dataset]["classes"]
+    xt, _ = train_cifar.read_split(extracted, dataset, "test")
+    assert xt.shape == (100, 3, 32, 32)
+    assert not list(cache.glob("*.part"))
+    # A second call reuses the extracted copy: no download.
+    monkeypatch.setattr(train_cifar.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded again"))
+    assert train_cifar.extracted_folder(dataset, cache) == extracted
+
+
+def test_cifar_bad_archives_and_folders_give_clear_errors(tmp_path, monkeypatch):
+    folder = write_cifar(tmp_path / "src", "cifar100")
+    archive, md5 = archive_of(folder)
+    serve_locally(monkeypatch, "cifar100", archive, "0" * 32)  # the served file does not match
+    with pytest.raises(train_cifar.ReportedError, match="corrupt"):
+        train_cifar.extracted_folder("cifar100", tmp_path / "c1")
+    assert not list((tmp_path / "c1").iterdir())  # nothing that looks complete is left
+
+    cache = tmp_path / "c2"
+    cache.mkdir()
+    truncated = cache / "archive.tar.gz"
+    truncated.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    serve_locally(monkeypatch, "cifar100", archive, md5)
+    with pytest.raises(train_cifar.ReportedError, match="corrupt or truncated.*delete it"):
+        train_cifar.extracted_folder("cifar100", cache)
+    # A truncated archive whose checksum was (wrongly) accepted still fails clearly on unpacking.
+    serve_locally(monkeypatch, "cifar100", archive, hashlib.md5(truncated.read_bytes()).hexdigest())
+    with pytest.raises(train_cifar.ReportedError, match="cannot be unpacked"):
+        train_cifar.extracted_folder("cifar100", cache)
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(train_cifar.urllib.request, "urlopen", offline)
+    with pytest.raises(train_cifar.ReportedError, match="(?s)could not download.*--data-dir"):
+        train_cifar.extracted_folder("cifar100", tmp_path / "c3")
+
+    with pytest.raises(SystemExit, match="no such directory"):
+        train_cifar.main(["--data-dir", str(tmp_path / "nowhere"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="train is missing"):
+        train_cifar.main(["--data-dir", str(tmp_path), "--device", "cpu"])
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "train").write_bytes(b"not a pickle")
+    (tmp_path / "junk" / "test").write_bytes(b"not a pickle")
+    with pytest.raises(SystemExit, match="not an official cifar100 pickle"):
+        train_cifar.main(["--data-dir", str(tmp_path / "junk"), "--device", "cpu"])
+
+
+def test_cifar_augmentation_crops_and_flips_whole_batches():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 32, 32)
+    out = train_cifar.augment(x, g)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+    for k in range(64):  # every image is one of the 9x9 crops of its padded self, maybe flipped
+        crops = [padded[k, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(out[k], c) or torch.equal(out[k], c.flip(-1)) for c in crops), k
+    no_pad = train_cifar.augment(x, torch.Generator().manual_seed(1), pad=0)
+    flipped = [torch.equal(no_pad[k], x[k].flip(-1)) for k in range(64)]
+    assert all(flipped[k] or torch.equal(no_pad[k], x[k]) for k in range(64))
+    assert 16 < sum(flipped) < 48  # about half
+
+
+def cifar_args(tmp_path, folder, dataset, *extra):
+    return ["--data-dir", str(folder), "--dataset", dataset, "--device", "cpu", "--net", "small",
+            "--width", "8", "--batch-size", "50", "--out-dir", str(tmp_path / "out"), "--quiet", *extra]
+
+
+def test_cifar_every_optimizer_beats_chance_on_an_easy_fixture(tmp_path):
+    folder = write_cifar(tmp_path / "src", "cifar10", n_train=500, n_test=200)
+    train_cifar.main(cifar_args(tmp_path, folder, "cifar10", "--optimizer", ",".join(NAMES),
+                                "--epochs", "3", "--lr", "1e-2", "--warmup-epochs", "0.5"))
+    for name in NAMES:
+        log = [json.loads(l) for l in (tmp_path / "out" / f"cifar10-small-{name}-lr0.01-s0" / "log.jsonl").read_text().splitlines()]
+        assert [e["epoch"] for e in log] == [1, 2, 3]
+        assert log[-1]["test_top1"] > 0.4, (name, log[-1])  # chance is 0.1
+        assert log[-1]["test_top5"] >= log[-1]["test_top1"]
+    assert len((tmp_path / "out" / "results.csv").read_text().splitlines()) == 1 + len(NAMES)
+
+
+def test_cifar_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    folder = write_cifar(tmp_path / "src", "cifar100", n_train=300, n_test=100)
+    common = ["--optimizer", "muoneq-r", "--epochs", "3", "--lr", "5e-3"]
+    train_cifar.main(cifar_args(tmp_path, folder, "cifar100", *common, "--out-dir", str(tmp_path / "straight")))
+    run = "cifar100-small-muoneq-r-lr0.005-s0"
+    straight = [json.loads(l) for l in (tmp_path / "straight" / run / "log.jsonl").read_text().splitlines()]
+
+    original_augment, calls = train_cifar.augment, {"n": 0}
+
+    def interrupt_in_epoch_3(images, generator, pad=4):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original_augment(images, generator, pad)
+
+    monkeypatch.setattr(train_cifar, "augment", interrupt_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_cifar.main(cifar_args(tmp_path, folder, "cifar100", *common))
+    monkeypatch.setattr(train_cifar, "augment", original_augment)
+    train_cifar.main(["--resume", str(tmp_path / "out" / run), "--quiet"])
+    resumed = [json.loads(l) for l in (tmp_path / "out" / run / "log.jsonl").read_text().splitlines()]
+    for key in ("epoch", "train_loss", "train_acc", "test_top1", "test_top5", "lr"):
+        assert [e[key] for e in resumed] == [e[key] for e in straight], key

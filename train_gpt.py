@@ -48,11 +48,12 @@ import reg
 OWT_URL = ("https://huggingface.co/datasets/Elriggs/openwebtext-100k/resolve/main/"
            "data/train-00000-of-00001-10a4de027237eace.parquet")
 OWT_BYTES = 302_558_045
-CACHE_VERSION = 1  # bump when the cache layout or the split rule changes
+CACHE_VERSION = 2  # bump when the cache layout or the split rule changes
 
 
-class DataError(Exception):
-    """A problem with the user's data or setup, reported as one clear message."""
+class ReportedError(Exception):
+    """A problem shown to the user as one clear message, without a traceback: bad data,
+    bad settings, no network, a diverged run."""
 
 
 def download(url, dest, expected_bytes):
@@ -72,14 +73,14 @@ def download(url, dest, expected_bytes):
                 bar.update(len(chunk))
     except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
         tmp.unlink(missing_ok=True)
-        raise DataError(
+        raise ReportedError(
             f"could not download {url} ({e}).\nIt is expected at {dest}: download it there by "
             f"hand, or train on local text with --data PATH (.parquet, .jsonl[.gz], .txt or a "
             f"directory), e.g. --data ../shared/data/openwebtext-sample") from None
     if tmp.stat().st_size != expected_bytes:
         got = tmp.stat().st_size
         tmp.unlink()
-        raise DataError(f"download of {url} gave {got:,} bytes, expected {expected_bytes:,}; "
+        raise ReportedError(f"download of {url} gave {got:,} bytes, expected {expected_bytes:,}; "
                         "run again to retry")
     os.replace(tmp, dest)
     return dest
@@ -89,15 +90,15 @@ def text_files(path):
     """The files --data names: the file itself, or the readable files in a directory."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"--data {path}: no such file or directory")
+        raise ReportedError(f"--data {path}: no such file or directory")
     suffixes = (".parquet", ".jsonl", ".jsonl.gz", ".txt")
     files = [path] if path.is_file() else sorted(
         p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffixes))
     if not files:
-        raise DataError(f"--data {path}: no .parquet, .jsonl, .jsonl.gz or .txt files in it")
+        raise ReportedError(f"--data {path}: no .parquet, .jsonl, .jsonl.gz or .txt files in it")
     for f in files:
         if not f.name.endswith(suffixes):
-            raise DataError(f"--data {f}: unknown format; use .parquet (with a `text` column), "
+            raise ReportedError(f"--data {f}: unknown format; use .parquet (with a `text` column), "
                             ".jsonl or .jsonl.gz (a `text` field per line) or .txt")
     return files
 
@@ -110,9 +111,9 @@ def read_documents(file):
         try:
             schema = pq.read_schema(file)
         except Exception as e:  # pyarrow raises its own error types for bad files
-            raise DataError(f"{file}: not a readable Parquet file ({e})") from None
+            raise ReportedError(f"{file}: not a readable Parquet file ({e})") from None
         if "text" not in schema.names:
-            raise DataError(f"{file}: no `text` column (columns: {', '.join(schema.names)})")
+            raise ReportedError(f"{file}: no `text` column (columns: {', '.join(schema.names)})")
         return [t for t in pq.read_table(file, columns=["text"]).column("text").to_pylist() if t]
     if name.endswith((".jsonl", ".jsonl.gz")):
         opener = gzip.open if name.endswith(".gz") else open
@@ -124,16 +125,16 @@ def read_documents(file):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{file}, line {number}: not JSON ({e})") from None
+                    raise ReportedError(f"{file}, line {number}: not JSON ({e})") from None
                 if not isinstance(record, dict) or "text" not in record:
-                    raise DataError(f"{file}, line {number}: no `text` field")
+                    raise ReportedError(f"{file}, line {number}: no `text` field")
                 if record["text"]:
                     docs.append(record["text"])
         return docs
     try:
         text = Path(file).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{file}: not UTF-8 text ({e})") from None
+        raise ReportedError(f"{file}: not UTF-8 text ({e})") from None
     return [text] if text else []
 
 
@@ -146,7 +147,7 @@ def load_tokenizer(bpe_dir=None):
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # tiktoken surfaces network failures as assorted errors
-            raise DataError(f"could not load the GPT-2 tokenizer ({type(e).__name__}: {e}).\n"
+            raise ReportedError(f"could not load the GPT-2 tokenizer ({type(e).__name__}: {e}).\n"
                             "Offline? Pass --bpe-dir DIR with encoder.json and vocab.bpe, "
                             "e.g. --bpe-dir ../shared/data/gpt2-bpe") from None
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -154,7 +155,7 @@ def load_tokenizer(bpe_dir=None):
     bpe_dir = Path(bpe_dir)
     for name in ("encoder.json", "vocab.bpe"):
         if not (bpe_dir / name).is_file():
-            raise DataError(f"--bpe-dir {bpe_dir}: {name} is missing")
+            raise ReportedError(f"--bpe-dir {bpe_dir}: {name} is missing")
     ranks = data_gym_to_mergeable_bpe_ranks(str(bpe_dir / "vocab.bpe"), str(bpe_dir / "encoder.json"))
     return tiktoken.Encoding(name="gpt2-local", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": len(ranks)})
@@ -188,9 +189,13 @@ def prepare(files, cache_dir, tokenizer, val_fraction, seed):
 
     docs = [d for f in tqdm(files, desc="read", disable=len(files) < 2) for d in read_documents(f)]
     if not docs:
-        raise DataError(f"no text in {', '.join(map(str, files))}")
+        raise ReportedError(f"no text in {', '.join(map(str, files))}")
+    unique = list(dict.fromkeys(docs))  # a repeated document could land in train and in val
+    if len(unique) < len(docs):
+        print(f"dropped {len(docs) - len(unique):,} exact duplicate documents of {len(docs):,}")
+        docs = unique
     if tokenizer.n_vocab > 2 ** 16:
-        raise DataError("the tokenizer's vocabulary does not fit uint16")
+        raise ReportedError("the tokenizer's vocabulary does not fit uint16")
     eot = tokenizer.eot_token
     order = np.random.default_rng(seed).permutation(len(docs))
     n_val = 0 if len(docs) == 1 else max(1, round(val_fraction * len(docs)))
@@ -248,7 +253,7 @@ def load_data(args):
     splits = {s: np.memmap(cache_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val")}
     for split, tokens in splits.items():
         if len(tokens) < args.block_size + 2:
-            raise DataError(
+            raise ReportedError(
                 f"the {split} split has {len(tokens):,} tokens, too few for --block-size "
                 f"{args.block_size}: lower --block-size, or give more text"
                 + (" or raise --val-fraction" if split == "val" else ""))
@@ -424,11 +429,11 @@ def load_checkpoint(path, what):
     if path.is_dir():
         path = path / "ckpt.pt"
     if not path.is_file():
-        raise DataError(f"{what} {path}: no checkpoint there")
+        raise ReportedError(f"{what} {path}: no checkpoint there")
     try:
         return torch.load(path, map_location="cpu", weights_only=False), path
     except Exception as e:  # a truncated or foreign file
-        raise DataError(f"{what} {path}: not a readable checkpoint ({e})") from None
+        raise ReportedError(f"{what} {path}: not a readable checkpoint ({e})") from None
 
 
 def read_log(path, up_to_step):
@@ -445,12 +450,12 @@ def read_log(path, up_to_step):
 # -----------------------------------------------------------------------------
 
 def train(args, optimizer_name, lr, seed, splits, meta, run_dir, resume_from=None):
-    """Train one model; returns a summary dict. Raises DataError on a non-finite loss."""
+    """Train one model; returns a summary dict. Raises ReportedError on a non-finite loss."""
     device = torch.device(args.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = run_dir / "ckpt.pt", run_dir / "log.jsonl"
     resumed = load_checkpoint(resume_from, "--resume")[0] if resume_from else None
-    init = load_checkpoint(args.init_from, "--init-from")[0] if args.init_from else None
+    init = load_checkpoint(args.init_from, "--init-from")[0] if args.init_from and not resumed else None
 
     # Same seed, same initial weights and same data order for every optimizer.
     torch.manual_seed(seed)
@@ -463,12 +468,12 @@ def train(args, optimizer_name, lr, seed, splits, meta, run_dir, resume_from=Non
                         n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                         dropout=args.dropout)
     if cfg.n_embd % cfg.n_head:
-        raise DataError(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
+        raise ReportedError(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
     if meta["n_vocab"] > cfg.vocab_size:
-        raise DataError(f"the checkpoint's vocabulary ({cfg.vocab_size}) is smaller than the "
+        raise ReportedError(f"the checkpoint's vocabulary ({cfg.vocab_size}) is smaller than the "
                         f"tokenizer's ({meta['n_vocab']})")
     if args.block_size > cfg.block_size:
-        raise DataError(f"--block-size {args.block_size} is longer than the model's context "
+        raise ReportedError(f"--block-size {args.block_size} is longer than the model's context "
                         f"({cfg.block_size})")
     model = GPT(cfg).to(device)
     if init:
@@ -546,7 +551,7 @@ def train(args, optimizer_name, lr, seed, splits, meta, run_dir, resume_from=Non
             if bad:
                 first = done - len(losses) + bad[0] + 1
                 bar.close()
-                raise DataError(f"{optimizer_name} lr={lr:g}: the loss became {losses[bad[0]]} at "
+                raise ReportedError(f"{optimizer_name} lr={lr:g}: the loss became {losses[bad[0]]} at "
                                 f"step {first}; stopped. The last good checkpoint is {ckpt_path} "
                                 "(lower --lr or raise --warmup-steps).")
             pending = []
@@ -704,7 +709,7 @@ def main(argv=None):
             summary = train(args, name, lr, seed, splits, meta, out_dir / run, resume_from)
             summaries.append(dict(summary, run=run))
         report(summaries, out_dir)
-    except DataError as e:
+    except ReportedError as e:
         sys.exit(f"error: {e}")
 
 
