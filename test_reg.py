@@ -757,10 +757,16 @@ def test_train_gpt_init_from_starts_from_the_checkpoint_weights(tmp_path, bpe):
     # lr 0: the fine-tuning run must end exactly where the checkpoint began.
     train_gpt.main(gpt_args(tmp_path, other, bpe, "--optimizer", "reg", "--max-steps", "2",
                             "--eval-every", "2", "--lr", "0", "--init-from", str(pre),
-                            "--out-dir", str(tmp_path / "ft")))
+                            "--also-eval", str(data), "--out-dir", str(tmp_path / "ft")))
     before = torch.load(pre, weights_only=False)["model"]
     after = torch.load(tmp_path / "ft" / "reg-lr0-s0" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # A step-0 eval records the starting point on the new data and on the first data; with
+    # nothing learned, the first data's val loss is the pre-training run's last one.
+    log = [json.loads(l) for l in (tmp_path / "ft" / "reg-lr0-s0" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [0, 2]
+    assert log[0]["val_loss"] == log[1]["val_loss"]
+    assert log[0]["also_val_loss"] == pytest.approx(read_run_log(tmp_path, "adamw-lr0.003-s0")[-1]["val_loss"])
 
 
 def test_train_gpt_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, bpe, monkeypatch, capsys):

@@ -5,7 +5,7 @@ train_cifar.py: CIFAR-100 (or CIFAR-10) classification with any optimizer of reg
     python train_cifar.py --optimizer adamw,reg,muon       # compare: same seed, same data order
     python train_cifar.py --dataset cifar10 --net small --epochs 10
     python train_cifar.py --data-dir ../shared/data/cifar100-mini/cifar-100-python --epochs 3
-    python train_cifar.py --resume out/cifar/cifar100-small-reg-lr0.002-s0
+    python train_cifar.py --resume out/cifar/cifar100-small-reg-lr0.003-s0
 
 The data is the official "python version" archive from www.cs.toronto.edu/~kriz, downloaded
 once (progress bar, temporary name, MD5 checked), extracted under --cache-dir and reused;
@@ -207,7 +207,7 @@ class ResNet18(nn.Module):
 
 class SmallNet(nn.Module):
     """A small fast net in the spirit of airbench: three groups of (conv, max-pool, BN, GELU,
-    conv, BN, GELU) at widths w, 4w, 4w, a global max-pool and a linear head. 1.97M
+    conv, BN, GELU) at widths w, 4w, 4w, a global max-pool and a linear head. 2.0M
     parameters at w = 64; quick on a GPU and usable on a CPU."""
 
     def __init__(self, classes, width=64):
@@ -364,18 +364,18 @@ DEFAULTS = {  # per net: epochs, batch size, lr (unswept starting points)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimizer", default="reg",
                    help=f"one name or a comma list to compare ({', '.join(reg.OPTIMIZERS)})")
     p.add_argument("--lr", default=None, help="learning rate, or a comma list (default: the net's)")
     p.add_argument("--seed", default="0", help="seed, or a comma list")
     p.add_argument("--weight-decay", type=float, default=0.1, help="decoupled, all methods alike")
-    p.add_argument("--dataset", choices=DATASETS, default="cifar100")
+    p.add_argument("--dataset", choices=DATASETS, default="cifar100", help="official python version")
     p.add_argument("--net", choices=NETS, default=None, help="default: resnet18 on CUDA, small elsewhere")
     p.add_argument("--width", type=int, default=None, help="base channel width (64)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="default: resnet18 30, small 10")
+    p.add_argument("--batch-size", type=int, default=None, help="default: resnet18 256, small 512")
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup, then linear decay to 0")
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--subset", type=int, default=None, help="train on the first N training images")

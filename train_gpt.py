@@ -5,8 +5,8 @@ train_gpt.py: train a GPT (nanoGPT-style) on openwebtext-100k with any optimizer
     python train_gpt.py --optimizer adamw,reg,muon        # compare: same seed, same data
     python train_gpt.py --preset tiny --data ../shared/data/tinyshakespeare/input.txt \\
         --bpe-dir ../shared/data/gpt2-bpe                 # local text, no network
-    python train_gpt.py --resume out/gpt/reg-lr0.001-s0   # continue an interrupted run
-    python train_gpt.py --init-from out/gpt/adamw-lr0.001-s0/ckpt.pt --data other.txt \\
+    python train_gpt.py --resume out/gpt/reg-lr0.0006-s0  # continue an interrupted run
+    python train_gpt.py --init-from out/gpt/adamw-lr0.0006-s0/ckpt.pt --data other.txt \\
         --optimizer reg,muon,adamw                        # fine-tune an AdamW-trained model
 
 The default data set is Elriggs/openwebtext-100k (one 303 MB Parquet file from the Hugging
@@ -449,8 +449,9 @@ def read_log(path, up_to_step):
 # One training run
 # -----------------------------------------------------------------------------
 
-def train(args, optimizer_name, lr, seed, splits, meta, run_dir, resume_from=None):
-    """Train one model; returns a summary dict. Raises ReportedError on a non-finite loss."""
+def train(args, optimizer_name, lr, seed, splits, meta, run_dir, resume_from=None, also_val=None):
+    """Train one model; returns a summary dict. Raises ReportedError on a non-finite loss.
+    also_val: tokens of a second validation set (--also-eval), logged as also_val_loss."""
     device = torch.device(args.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = run_dir / "ckpt.pt", run_dir / "log.jsonl"
@@ -483,6 +484,8 @@ def train(args, optimizer_name, lr, seed, splits, meta, run_dir, resume_from=Non
         group["initial_lr"] = group["lr"]  # the schedule scales this
     train_batches = Batches(splits["train"], args.batch_size, args.block_size, device, seed)
     val_batches = Batches(splits["val"], args.batch_size, args.block_size, device, seed).fixed(args.eval_batches)
+    also_batches = (Batches(also_val, args.batch_size, args.block_size, device, seed).fixed(args.eval_batches)
+                    if also_val is not None else None)
 
     start_step, best_val, elapsed = 0, math.inf, 0.0
     if resumed:
@@ -519,13 +522,25 @@ def train(args, optimizer_name, lr, seed, splits, meta, run_dir, resume_from=Non
         with open(log_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
+    def log_eval(step, train_loss):
+        val_loss = evaluate(model, val_batches, autocast)
+        entry = dict(step=step, train_loss=train_loss, val_loss=val_loss, lr=opt.param_groups[0]["lr"],
+                     time=round(elapsed, 3), tokens=step * tokens_per_step)
+        if also_batches is not None:
+            entry["also_val_loss"] = evaluate(model, also_batches, autocast)
+        log(entry)
+        return entry
+
+    if init and start_step == 0:  # where fine-tuning starts from, on both data sets
+        log_eval(0, float("nan"))
+
     # Losses stay on the device and are read every log_every steps: reading one each step
     # would make the CPU wait for the GPU every step.
     pending = []
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
                desc=f"{optimizer_name} lr={lr:g} seed={seed}", dynamic_ncols=True, disable=args.quiet)
     t_last, step_last = time.perf_counter(), start_step
-    train_loss, val_loss = float("nan"), float("nan")
+    train_loss, val_loss, last_eval = float("nan"), float("nan"), {}
     for step in bar:
         factor = lr_factor(step, args)
         for group in opt.param_groups:
@@ -566,16 +581,17 @@ def train(args, optimizer_name, lr, seed, splits, meta, run_dir, resume_from=Non
                 postfix["mfu"] = f"{steps_per_s * flops_per_step / (args.peak_tflops * 1e12):.1%}"
             bar.set_postfix(postfix)
         if is_eval:
-            val_loss = evaluate(model, val_batches, autocast)
+            last_eval = log_eval(done, train_loss)
+            val_loss = last_eval["val_loss"]
             best_val = min(best_val, val_loss)
-            log(dict(step=done, train_loss=train_loss, val_loss=val_loss, lr=opt.param_groups[0]["lr"],
-                     time=round(elapsed, 3), tokens=done * tokens_per_step))
             checkpoint(done)
             t_last = time.perf_counter()  # evaluation and saving are not training time
     bar.close()
     summary = dict(optimizer=optimizer_name, lr=lr, seed=seed, final_val=val_loss,
                    best_val=best_val, final_train=train_loss, steps=args.max_steps,
                    tokens=args.max_steps * tokens_per_step, time=round(elapsed, 1))
+    if also_batches is not None:
+        summary["also_val"] = last_eval.get("also_val_loss", float("nan"))
     print(f"{optimizer_name} lr={lr:g} seed={seed}: best val loss {best_val:.4f}, "
           f"final {val_loss:.4f}, {elapsed:.1f}s of training")
     return summary
@@ -596,7 +612,7 @@ PRESETS = {  # model and run sizes; every value can still be set by its own flag
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimizer", default="reg",
                    help=f"one name or a comma list to compare ({', '.join(reg.OPTIMIZERS)})")
@@ -623,6 +639,9 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="out/gpt", help="runs, logs, checkpoints, plots")
     p.add_argument("--resume", default=None, help="a run directory or ckpt.pt to continue")
     p.add_argument("--init-from", default=None, help="start from a checkpoint's weights (fine-tuning)")
+    p.add_argument("--also-eval", default=None,
+                   help="also log the val loss on this data's val split (e.g. the pre-training data, "
+                        "to measure forgetting; same --val-fraction and --data-seed)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="CUDA: no bfloat16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model and reg's math")
@@ -658,10 +677,12 @@ def parse_args(argv=None):
 
 def report(summaries, out_dir):
     """A table on stdout, results.csv, and a loss plot when matplotlib is there."""
-    print(f"\n{'optimizer':<11}{'lr':>9}{'seed':>6}{'best val':>10}{'final val':>11}{'time s':>9}")
+    also = "also_val" in summaries[0]
+    print(f"\n{'optimizer':<11}{'lr':>9}{'seed':>6}{'best val':>10}{'final val':>11}"
+          + (f"{'also-eval':>11}" if also else "") + f"{'time s':>9}")
     for s in summaries:
         print(f"{s['optimizer']:<11}{s['lr']:>9.2g}{s['seed']:>6}{s['best_val']:>10.4f}"
-              f"{s['final_val']:>11.4f}{s['time']:>9.1f}")
+              f"{s['final_val']:>11.4f}" + (f"{s['also_val']:>11.4f}" if also else "") + f"{s['time']:>9.1f}")
     keys = list(summaries[0])
     lines = [",".join(keys)] + [",".join(str(s[k]) for k in keys) for s in summaries]
     (out_dir / "results.csv").write_text("\n".join(lines) + "\n")
@@ -696,6 +717,9 @@ def main(argv=None):
             args = argparse.Namespace(**{**saved["args"], **keep})
         out_dir = Path(args.out_dir)
         splits, meta = load_data(args)
+        also_val = None
+        if args.also_eval:
+            also_val = load_data(argparse.Namespace(**{**vars(args), "data": args.also_eval}))[0]["val"]
         summaries = []
         for name, lr, seed in itertools.product(args.optimizers, args.lrs, args.seeds):
             run = f"{name}-lr{lr:g}-s{seed}"
@@ -706,7 +730,7 @@ def main(argv=None):
                 run_dir = Path(resume_from) if Path(resume_from).is_dir() else Path(resume_from).parent
                 run = run_dir.name
                 out_dir = run_dir.parent
-            summary = train(args, name, lr, seed, splits, meta, out_dir / run, resume_from)
+            summary = train(args, name, lr, seed, splits, meta, out_dir / run, resume_from, also_val)
             summaries.append(dict(summary, run=run))
         report(summaries, out_dir)
     except ReportedError as e:
