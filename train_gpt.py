@@ -532,7 +532,7 @@ def train(args, optimizer_name, lr, seed, splits, meta, run_dir, resume_from=Non
         return entry
 
     if init and start_step == 0:  # where fine-tuning starts from, on both data sets
-        log_eval(0, float("nan"))
+        log_eval(0, None)  # no training loss yet: null in the log
 
     # Losses stay on the device and are read every log_every steps: reading one each step
     # would make the CPU wait for the GPU every step.
