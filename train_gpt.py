@@ -696,10 +696,14 @@ def report(summaries, out_dir):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in summaries:
         entries = [json.loads(l) for l in (out_dir / s["run"] / "log.jsonl").read_text().splitlines()]
-        ax.plot([e["tokens"] for e in entries], [e["val_loss"] for e in entries],
-                label=f"{s['optimizer']} lr={s['lr']:g} s{s['seed']}")
+        tokens = [e["tokens"] for e in entries]
+        line, = ax.plot(tokens, [e["val_loss"] for e in entries],
+                        label=f"{s['optimizer']} lr={s['lr']:g} s{s['seed']}")
+        if also:  # the --also-eval data, dashed, in the same colour
+            ax.plot(tokens, [e["also_val_loss"] for e in entries], "--", color=line.get_color(),
+                    label=f"{s['optimizer']} on --also-eval data")
     ax.set_xlabel("tokens")
-    ax.set_ylabel("validation loss")
+    ax.set_ylabel("validation loss" + (" (dashed: --also-eval data)" if also else ""))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
