@@ -547,6 +547,15 @@ OPTIMIZERS = {
 }
 
 
+def optimizer_names(spec):
+    """A comma list such as "adamw,reg" -> ["adamw", "reg"]; a ValueError names any unknown."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown or not names:
+        raise ValueError(f"unknown optimizer {', '.join(unknown) or repr(spec)}; known: {', '.join(OPTIMIZERS)}")
+    return names
+
+
 def build_optimizer(name, model, lr=1e-3, weight_decay=0.1, **kw):
     """Make the optimizer called `name` for `model` (an nn.Module, routed by param_groups,
     or a list of param groups made earlier). Extra keyword args go to the optimizer.

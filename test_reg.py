@@ -556,6 +556,11 @@ def test_bad_method_options_and_names():
         reg.Muon(reg.param_groups(model), ns_steps=0)
     with pytest.raises(ValueError, match="unknown optimizer 'lion'; known: adamw, muon"):
         reg.build_optimizer("lion", model)
+    assert reg.optimizer_names(" adamw, reg ") == ["adamw", "reg"]
+    with pytest.raises(ValueError, match="unknown optimizer lion; known: adamw, muon"):
+        reg.optimizer_names("reg,lion")
+    with pytest.raises(ValueError, match="unknown optimizer ','"):
+        reg.optimizer_names(",")
     with pytest.raises(ValueError, match="param group 1"):
         reg.Muon([dict(params=[model[0].weight]), dict(params=[model[2].weight], lr=-1)])
     with pytest.raises(ValueError, match=r"shape \(64,\) is in a matrix group.*param_groups"):

@@ -655,10 +655,10 @@ def parse_args(argv=None):
     for key, value in PRESETS[args.preset].items():
         if key != "lr" and getattr(args, key) is None:
             setattr(args, key, value)
-    args.optimizers = [o.strip() for o in args.optimizer.split(",") if o.strip()]
-    unknown = [o for o in args.optimizers if o not in reg.OPTIMIZERS]
-    if unknown:
-        p.error(f"unknown optimizer {', '.join(unknown)}; known: {', '.join(reg.OPTIMIZERS)}")
+    try:
+        args.optimizers = reg.optimizer_names(args.optimizer)
+    except ValueError as e:
+        p.error(str(e))
     try:
         args.lrs = [float(v) for v in (args.lr or str(PRESETS[args.preset]["lr"])).split(",")]
         args.seeds = [int(v) for v in args.seed.split(",")]
