@@ -218,6 +218,25 @@ def update_scale(D, scale="rms", measure_rms=False):
     return factor / (math.sqrt(max(m, n)) * rms).clamp_min(1e-30)
 
 
+def matrix_stats(M):
+    """How balanced a matrix is, in three numbers; for looking inside the optimizers.
+
+    cond:        largest / smallest of its min(m, n) singular values (None when numerically
+                 singular: the smallest is below matrix_rank's tolerance)
+    stable_rank: ||M||_F^2 / ||M||_2^2, from 1 (one direction carries all the energy)
+                 up to min(m, n) (all directions equal: an orthogonal matrix)
+    row_spread:  largest / smallest row norm (None with a zero row)
+    A momentum matrix typically has a huge cond and a stable rank near 1; NS5 drives cond
+    towards 1, NorMuon drives row_spread to 1, RACS shrinks both gently."""
+    M = M.detach().double().reshape(M.shape[0], -1)
+    s = torch.linalg.svdvals(M)
+    rows = M.norm(dim=1)
+    singular = s[-1] <= s[0] * max(M.shape) * torch.finfo(M.dtype).eps
+    return dict(cond=None if singular else (s[0] / s[-1]).item(),
+                stable_rank=(s.square().sum() / s[0] ** 2).item() if s[0] > 0 else 0.0,
+                row_spread=(rows.max() / rows.min()).item() if rows.min() > 0 else None)
+
+
 def use_compiled_math():
     """Swap the functions above for torch.compile'd versions. The optimizers look them up
     by name at each step, so this speeds up every method at once. Mostly a CUDA win: it

@@ -356,6 +356,22 @@ def test_update_scale_formulas_and_zero_direction():
         reg.update_scale(D, "adam")
 
 
+def test_matrix_stats_reads_condition_number_stable_rank_and_row_spread():
+    s = [8.0, 4.0, 2.0, 2.0, 1.5, 1.0]
+    M, _, _ = matrix_with_spectrum(10, 6, s)
+    stats = reg.matrix_stats(M)
+    assert stats["cond"] == pytest.approx(8.0)
+    assert stats["stable_rank"] == pytest.approx(sum(x * x for x in s) / 64)
+    rows = M.norm(dim=1)
+    assert stats["row_spread"] == pytest.approx((rows.max() / rows.min()).item())
+    assert reg.matrix_stats(torch.eye(5))["stable_rank"] == pytest.approx(5.0)
+    rank_one = torch.ones(3, 4)
+    assert reg.matrix_stats(rank_one)["cond"] is None and reg.matrix_stats(rank_one)["stable_rank"] == pytest.approx(1)
+    rank_one[1] = 0
+    assert reg.matrix_stats(rank_one)["row_spread"] is None
+    assert reg.matrix_stats(torch.zeros(3, 4)) == dict(cond=None, stable_rank=0.0, row_spread=None)
+
+
 # -----------------------------------------------------------------------------
 # Routing parameters
 # -----------------------------------------------------------------------------
@@ -794,6 +810,29 @@ def test_train_gpt_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint
     message = str(exit_info.value)
     assert "the loss became nan at step 8" in message and "last good checkpoint" in message
     assert torch.load(tmp_path / "out" / "reg-lr0.003-s0" / "ckpt.pt", weights_only=False)["step"] == 5
+
+
+def test_train_gpt_track_logs_inside_the_optimizers_without_changing_the_run(tmp_path, bpe):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    common = ["--optimizer", "adamw,muon,normuon,reg", "--max-steps", "12", "--eval-every", "6",
+              "--lr", "1e-2"]
+    weight = "blocks.0.mlp.0.weight"
+    train_gpt.main(gpt_args(tmp_path, data, bpe, *common, "--out-dir", str(tmp_path / "plain")))
+    train_gpt.main(gpt_args(tmp_path, data, bpe, *common, "--track", weight))
+    for name in ("adamw", "muon", "normuon", "reg"):
+        plain = [json.loads(l) for l in (tmp_path / "plain" / f"{name}-lr0.01-s0" / "log.jsonl").read_text().splitlines()]
+        tracked = read_run_log(tmp_path, f"{name}-lr0.01-s0")
+        assert [e["val_loss"] for e in tracked] == [e["val_loss"] for e in plain], name
+        stats = tracked[-1]["track"][weight]
+        assert set(stats) == {"momentum", "update"}
+        assert set(stats["update"]) == {"cond", "stable_rank", "row_spread"}
+        if name == "muon":  # orthogonalizing flattens the spectrum
+            assert stats["update"]["cond"] < stats["momentum"]["cond"]
+            assert stats["update"]["stable_rank"] > stats["momentum"]["stable_rank"]
+        if name == "reg":   # RACS evens out the rows
+            assert stats["update"]["row_spread"] < stats["momentum"]["row_spread"]
+    expect_error(gpt_args(tmp_path, data, bpe, "--track", "blocks.0.nope"),
+                 "--track blocks.0.nope: not a weight matrix", "blocks.0.attn.qkv.weight")
 
 
 def expect_error(argv, *fragments):

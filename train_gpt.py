@@ -412,6 +412,27 @@ def evaluate(model, batches, autocast):
     return torch.stack(losses).mean().item()
 
 
+def inspect_matrix(opt, p):
+    """reg.matrix_stats of a weight's momentum and of the update direction the optimizer
+    would apply to it now, computed on copies: inspecting never changes the run."""
+    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    state = opt.state.get(p, {})
+    m, n = reg.matrix_shape(p)
+    if isinstance(opt, reg.MatrixOptimizer) and "momentum_buffer" in state:
+        momentum = state["momentum_buffer"].reshape(m, n).float()
+        copies = [{k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}]
+        update = opt.direction(momentum[None].clone(), copies, group)[0]
+    elif "exp_avg" in state:  # AdamW: the bias-corrected m / (sqrt(v) + eps)
+        beta1, beta2 = group["betas"]
+        step = float(state["step"])
+        momentum = state["exp_avg"].reshape(m, n).float()
+        v_hat = state["exp_avg_sq"].reshape(m, n).float() / (1 - beta2 ** step)
+        update = momentum / (1 - beta1 ** step) / (v_hat.sqrt() + group["eps"])
+    else:
+        return None
+    return dict(momentum=reg.matrix_stats(momentum), update=reg.matrix_stats(update))
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints: atomic writes, exact resume
 # -----------------------------------------------------------------------------
@@ -479,6 +500,13 @@ def train(args, optimizer_name, lr, seed, splits, meta, run_dir, resume_from=Non
     model = GPT(cfg).to(device)
     if init:
         model.load_state_dict(init["model"])
+    named = dict(model.named_parameters())
+    for name in args.track:
+        if name not in named or named[name].ndim < 2:
+            matrices = [k for k, v in named.items() if v.ndim >= 2 and k not in ("wte.weight", "wpe.weight")]
+            raise ReportedError(f"--track {name}: not a weight matrix of this model; try one of "
+                                f"{', '.join(matrices[:6])}, ...")
+    tracked = {name: named[name] for name in args.track}
     opt = reg.build_optimizer(optimizer_name, model, lr=lr, weight_decay=args.weight_decay)
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]  # the schedule scales this
@@ -528,6 +556,8 @@ def train(args, optimizer_name, lr, seed, splits, meta, run_dir, resume_from=Non
                      time=round(elapsed, 3), tokens=step * tokens_per_step)
         if also_batches is not None:
             entry["also_val_loss"] = evaluate(model, also_batches, autocast)
+        if tracked:
+            entry["track"] = {name: inspect_matrix(opt, p) for name, p in tracked.items()}
         log(entry)
         return entry
 
@@ -642,6 +672,9 @@ def parse_args(argv=None):
     p.add_argument("--also-eval", default=None,
                    help="also log the val loss on this data's val split (e.g. the pre-training data, "
                         "to measure forgetting; same --val-fraction and --data-seed)")
+    p.add_argument("--track", default="",
+                   help="weight names (comma list, e.g. blocks.1.mlp.0.weight): log the condition "
+                        "number, stable rank and row-norm spread of their momentum and update")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="CUDA: no bfloat16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model and reg's math")
@@ -650,6 +683,7 @@ def parse_args(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
+    args.track = [t.strip() for t in args.track.split(",") if t.strip()]
     args.preset = args.preset or ("gpt2" if args.device.startswith("cuda") else "tiny")
     args.max_steps_given = args.max_steps is not None  # --resume may extend a run
     for key, value in PRESETS[args.preset].items():
@@ -709,6 +743,34 @@ def report(summaries, out_dir):
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=120)
     print(f"plot: {out_dir / 'loss.png'}")
+    plot_track(summaries, out_dir, plt)
+
+
+def plot_track(summaries, out_dir, plt):
+    """track.png: per tracked weight, the condition number and row-norm spread of each run's
+    update (solid) and momentum (dashed) through training: where each method balances."""
+    logs = {s["run"]: [json.loads(l) for l in (out_dir / s["run"] / "log.jsonl").read_text().splitlines()]
+            for s in summaries}
+    names = sorted({n for entries in logs.values() for e in entries for n in e.get("track", {})})
+    if not names:
+        return
+    fig, axes = plt.subplots(len(names), 2, figsize=(11, 3.6 * len(names)), squeeze=False)
+    for row, name in zip(axes, names):
+        for s in summaries:
+            points = [(e["tokens"], e["track"][name]) for e in logs[s["run"]] if e.get("track", {}).get(name)]
+            tokens = [t for t, _ in points]
+            for ax, stat in zip(row, ("cond", "row_spread")):
+                line, = ax.plot(tokens, [x["update"][stat] for _, x in points], label=s["optimizer"])
+                ax.plot(tokens, [x["momentum"][stat] for _, x in points], ":", color=line.get_color())
+        for ax, title in zip(row, ("condition number", "row-norm spread (max/min)")):
+            ax.set_yscale("log")
+            ax.set_title(f"{name}: {title}", fontsize=9)
+            ax.set_xlabel("tokens")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8, title="update (solid), momentum (dotted)", title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "track.png", dpi=120)
+    print(f"plot: {out_dir / 'track.png'}")
 
 
 def main(argv=None):
