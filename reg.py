@@ -56,7 +56,8 @@ get AdamW inside the same optimizer object, as Keller Jordan's MuonWithAuxAdam a
 Moonlight do: putting embeddings or the head under a matrix rule is the most common reason
 reported for "Muon is worse than AdamW". `param_groups(model)` does that split.
 
-The file: (1) the math as small pure functions, (2) routing parameters into groups,
+The file: (1) the math as small pure functions (and `matrix_stats`, to look at what
+each direction does), (2) routing parameters into groups,
 (3) the optimizer skeleton and its four directions, (4) `build_optimizer` for the training
 scripts, (5) a benchmark.
 """
