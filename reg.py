@@ -576,6 +576,16 @@ def optimizer_names(spec):
     return names
 
 
+def parse_grid(optimizers, lrs, seeds):
+    """The runs a training script's --optimizer, --lr and --seed ask for: three comma lists
+    ("adamw,reg", "1e-3,3e-3", "0,1,2") -> (names, floats, ints), or a ValueError."""
+    names = optimizer_names(optimizers)
+    try:
+        return names, [float(v) for v in lrs.split(",")], [int(v) for v in seeds.split(",")]
+    except ValueError as e:
+        raise ValueError(f"--lr and --seed take numbers or comma lists of them ({e})") from None
+
+
 def build_optimizer(name, model, lr=1e-3, weight_decay=0.1, **kw):
     """Make the optimizer called `name` for `model` (an nn.Module, routed by param_groups,
     or a list of param groups made earlier). Extra keyword args go to the optimizer.

@@ -577,6 +577,9 @@ def test_bad_method_options_and_names():
         reg.optimizer_names("reg,lion")
     with pytest.raises(ValueError, match="unknown optimizer ','"):
         reg.optimizer_names(",")
+    assert reg.parse_grid("reg,muon", "1e-3,3e-3", "0,1") == (["reg", "muon"], [1e-3, 3e-3], [0, 1])
+    with pytest.raises(ValueError, match="--lr and --seed take numbers"):
+        reg.parse_grid("reg", "fast", "0")
     with pytest.raises(ValueError, match="param group 1"):
         reg.Muon([dict(params=[model[0].weight]), dict(params=[model[2].weight], lr=-1)])
     with pytest.raises(ValueError, match=r"shape \(64,\) is in a matrix group.*param_groups"):

@@ -394,14 +394,10 @@ def parse_args(argv=None):
         if key != "lr" and getattr(args, key) is None:
             setattr(args, key, value)
     try:
-        args.optimizers = reg.optimizer_names(args.optimizer)
+        args.optimizers, args.lrs, args.seeds = reg.parse_grid(
+            args.optimizer, args.lr or str(DEFAULTS[args.net]["lr"]), args.seed)
     except ValueError as e:
         p.error(str(e))
-    try:
-        args.lrs = [float(v) for v in (args.lr or str(DEFAULTS[args.net]["lr"])).split(",")]
-        args.seeds = [int(v) for v in args.seed.split(",")]
-    except ValueError as e:
-        p.error(f"--lr and --seed take numbers or comma lists of them ({e})")
     for key in ("epochs", "batch_size", "width"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
