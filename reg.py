@@ -65,8 +65,10 @@ scripts, (5) a benchmark.
 import abc
 import argparse
 import math
+import os
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -553,7 +555,7 @@ class REG(MatrixOptimizer):
 
 
 # -----------------------------------------------------------------------------
-# 4. build_optimizer: what the training scripts call
+# 4. What the training scripts call: build_optimizer, run grids, sweep summaries
 # -----------------------------------------------------------------------------
 
 OPTIMIZERS = {
@@ -584,6 +586,83 @@ def parse_grid(optimizers, lrs, seeds):
         return names, [float(v) for v in lrs.split(",")], [int(v) for v in seeds.split(",")]
     except ValueError as e:
         raise ValueError(f"--lr and --seed take numbers or comma lists of them ({e})") from None
+
+
+def settings_differences(a, b, ignore=()):
+    """Where two runs' argument dicts differ (keys in `ignore` aside), as readable strings:
+    runs that differ in more than the optimizer, lr and seed do not belong in one table."""
+    keys = sorted((set(a) | set(b)) - set(ignore))
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def summarize_sweep(runs, metric, lower_is_better=True):
+    """Learning-rate sweeps with seeds, summarized for a results table.
+
+    runs: dicts with "optimizer", "lr", "seed" and `metric`. Returns one dict per
+    (optimizer, lr): n (seeds), mean, std (sample standard deviation; 0 for one seed),
+    best (this lr is the optimizer's best) and edge (the best lr is the smallest or largest
+    tried, so the sweep should be widened).
+
+    The best lr is chosen on the seeds that every lr of that optimizer ran (the sweep's),
+    not on the mean at the winner: extra seeds run at the winner afterwards must not be
+    able to change which lr wins.
+    """
+    by_cell = {}
+    for r in runs:
+        by_cell.setdefault((r["optimizer"], r["lr"]), {})[r["seed"]] = r[metric]
+    table = []
+    for name in dict.fromkeys(r["optimizer"] for r in runs):  # first-seen order
+        lrs = sorted(lr for (n, lr) in by_cell if n == name)
+        shared = set.intersection(*(set(by_cell[name, lr]) for lr in lrs))
+        sign = 1 if lower_is_better else -1
+        best = min(lrs, key=lambda lr: sign * sum(by_cell[name, lr][s] for s in shared))
+        for lr in lrs:
+            values = list(by_cell[name, lr].values())
+            mean = sum(values) / len(values)
+            std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+            table.append(dict(optimizer=name, lr=lr, n=len(values), mean=mean, std=std,
+                              best=lr == best, edge=lr == best and len(lrs) > 1 and lr in (lrs[0], lrs[-1])))
+    return table
+
+
+def write_sweep(table, folder, metric_label, value_format="{:.4f}"):
+    """Print a summarize_sweep table and write it to folder/sweep.csv, and (with
+    matplotlib) folder/sweep.png: the metric against lr, one line per optimizer, error bars
+    of one standard deviation where there are several seeds, the best lr ringed."""
+    folder = Path(folder)
+    print(f"\n{'optimizer':<11}{'lr':>9}{'seeds':>6}  {metric_label} (mean +- std)")
+    for row in table:
+        value = f"{value_format.format(row['mean'])} +- {value_format.format(row['std'])}"
+        flag = "  best" + (" (at the edge of the grid: widen it)" if row["edge"] else "") if row["best"] else ""
+        print(f"{row['optimizer']:<11}{row['lr']:>9.3g}{row['n']:>6}  {value}{flag}")
+    keys = list(table[0])
+    lines = [",".join(keys)] + [",".join(str(row[k]) for k in keys) for row in table]
+    tmp = folder / "sweep.csv.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, folder / "sweep.csv")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no sweep.png)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(row["optimizer"] for row in table):
+        rows = [row for row in table if row["optimizer"] == name]
+        line = ax.errorbar([r["lr"] for r in rows], [r["mean"] for r in rows],
+                           yerr=[r["std"] for r in rows], marker=".", capsize=3, label=name)
+        best = next(r for r in rows if r["best"])
+        ax.plot(best["lr"], best["mean"], "o", mfc="none", ms=10, color=line[0].get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel(f"{metric_label} (ring: best lr)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "sweep.png", dpi=120)
+    plt.close(fig)
+    print(f"plot: {folder / 'sweep.png'}")
 
 
 def build_optimizer(name, model, lr=1e-3, weight_decay=0.1, **kw):

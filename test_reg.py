@@ -838,6 +838,80 @@ def test_train_gpt_track_logs_inside_the_optimizers_without_changing_the_run(tmp
                  "--track blocks.0.nope: not a weight matrix", "blocks.0.attn.qkv.weight")
 
 
+def test_summarize_sweep_picks_the_best_lr_on_the_sweep_seeds_and_flags_an_edge():
+    runs = [dict(optimizer="adamw", lr=lr, seed=s, loss=v) for lr, s, v in [
+        (1e-3, 0, 3.0), (3e-3, 0, 2.5), (3e-3, 1, 2.9), (3e-3, 2, 2.8), (1e-2, 0, 2.6), (1e-2, 1, 2.0)]]
+    runs += [dict(optimizer="reg", lr=lr, seed=0, loss=v) for lr, v in [(1e-3, 3.0), (3e-3, 2.9)]]
+    table = {(r["optimizer"], r["lr"]): r for r in reg.summarize_sweep(runs, "loss")}
+    # Seed 0 is the one every adamw lr ran: 3e-3 wins on it, although 1e-2 has the lower
+    # mean once its extra seed is counted.
+    assert [lr for (n, lr), r in table.items() if n == "adamw" and r["best"]] == [3e-3]
+    best = table["adamw", 3e-3]
+    assert best["n"] == 3 and best["mean"] == pytest.approx(8.2 / 3)
+    assert best["std"] == pytest.approx(np.std([2.5, 2.9, 2.8], ddof=1)) and not best["edge"]
+    assert table["adamw", 1e-3]["std"] == 0 and table["adamw", 1e-3]["n"] == 1
+    assert table["reg", 3e-3]["best"] and table["reg", 3e-3]["edge"]  # widen the grid
+    higher = {(r["optimizer"], r["lr"]): r for r in reg.summarize_sweep(runs, "loss", lower_is_better=False)}
+    assert higher["adamw", 1e-3]["best"] and higher["reg", 1e-3]["best"]
+
+
+def test_train_gpt_sweep_reuses_finished_runs_resumes_stopped_ones_and_summarizes(tmp_path, bpe, monkeypatch):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    sweep = ["--optimizer", "adamw,reg", "--lr", "1e-2", "--max-steps", "12", "--eval-every", "6"]
+    train_gpt.main(gpt_args(tmp_path, data, bpe, *sweep, "--out-dir", str(tmp_path / "straight")))
+
+    calls, original_next = {"n": 0}, train_gpt.Batches.next
+
+    def interrupt_in_the_second_run(self):
+        calls["n"] += 1
+        if calls["n"] == 12 + 9:  # reg's step 9, after its checkpoint at step 6
+            raise KeyboardInterrupt
+        return original_next(self)
+
+    monkeypatch.setattr(train_gpt.Batches, "next", interrupt_in_the_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        train_gpt.main(gpt_args(tmp_path, data, bpe, *sweep))
+    monkeypatch.setattr(train_gpt.Batches, "next", original_next)
+
+    # The same command again (plus a second seed): adamw is reused, reg resumed from step 6.
+    trained, original_train = [], train_gpt.train
+    monkeypatch.setattr(train_gpt, "train", lambda args, name, lr, seed, *rest: trained.append(
+        (name, seed, rest[3] is not None)) or original_train(args, name, lr, seed, *rest))
+    train_gpt.main(gpt_args(tmp_path, data, bpe, *sweep, "--seed", "0,1"))
+    assert trained == [("adamw", 1, False), ("reg", 0, True), ("reg", 1, False)]
+    for run in ("adamw-lr0.01-s0", "reg-lr0.01-s0"):
+        straight = [json.loads(l) for l in (tmp_path / "straight" / run / "log.jsonl").read_text().splitlines()]
+        assert read_run_log(tmp_path, run) == [dict(e, time=a["time"]) for e, a in
+                                               zip(straight, read_run_log(tmp_path, run))], run
+    assert len((tmp_path / "out" / "results.csv").read_text().splitlines()) == 1 + 4
+
+    train_gpt.main(["--summarize", str(tmp_path / "out")])
+    rows = (tmp_path / "out" / "sweep.csv").read_text().splitlines()
+    assert rows[0] == "optimizer,lr,n,mean,std,best,edge" and len(rows) == 3
+    assert all(",0.01,2," in row and row.endswith(",True,False") for row in rows[1:])
+    # A run with other settings is never mixed into a sweep.
+    expect_error(gpt_args(tmp_path, data, bpe, *sweep[:-4], "--max-steps", "20", "--eval-every", "6"),
+                 "other settings", "max_steps: 12 vs 20")
+    expect_error(["--summarize", str(tmp_path / "nothing")], "no finished runs")
+
+
+def test_train_gpt_byte_tokenizer_keeps_its_own_cache_and_its_checkpoints(tmp_path, bpe):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    tok = train_gpt.load_tokenizer(kind="bytes")
+    meta = train_gpt.prepare([data], tmp_path / "bytes", tok, val_fraction=0.34, seed=0)
+    tokens = np.concatenate([np.fromfile(tmp_path / "bytes" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
+    assert meta["n_vocab"] == 257 and tokens.max() == meta["eot"] == 256
+    assert sorted(bytes(d[:-1]).decode() for d in split_docs(tokens, 256)) == sorted(set(DOCS))
+    run = ["--optimizer", "adamw", "--max-steps", "4", "--eval-every", "4"]
+    train_gpt.main(gpt_args(tmp_path, data, bpe, *run, "--tokenizer", "bytes"))
+    train_gpt.main(gpt_args(tmp_path, data, bpe, *run, "--out-dir", str(tmp_path / "bpe")))
+    caches = sorted(p.parent.name for p in (tmp_path / "cache").glob("*/*/meta.json"))
+    assert caches == ["bytes", "gpt2"]  # switching back and forth re-tokenizes nothing
+    assert read_run_log(tmp_path, "adamw-lr0.003-s0")[-1]["val_loss"] < math.log(257) + 0.5
+    expect_error(gpt_args(tmp_path, data, bpe, "--init-from", str(tmp_path / "out" / "adamw-lr0.003-s0"),
+                          "--out-dir", str(tmp_path / "ft")), "--tokenizer bytes", "pass the same")
+
+
 def expect_error(argv, *fragments):
     with pytest.raises(SystemExit) as exit_info:
         train_gpt.main(argv)
@@ -1064,3 +1138,21 @@ def test_cifar_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     resumed = [json.loads(l) for l in (tmp_path / "out" / run / "log.jsonl").read_text().splitlines()]
     for key in ("epoch", "train_loss", "train_acc", "test_top1", "test_top5", "lr"):
         assert [e[key] for e in resumed] == [e[key] for e in straight], key
+
+
+def test_cifar_sweep_reuses_finished_runs_and_summarizes_accuracy(tmp_path, monkeypatch):
+    folder = write_cifar(tmp_path / "src", "cifar10", n_train=100, n_test=50)
+    sweep = ["--optimizer", "adamw,muon", "--lr", "1e-3,1e-2", "--epochs", "1"]
+    train_cifar.main(cifar_args(tmp_path, folder, "cifar10", *sweep))
+    monkeypatch.setattr(train_cifar, "train", lambda *a: pytest.fail("trained a finished run again"))
+    train_cifar.main(cifar_args(tmp_path, folder, "cifar10", *sweep))
+    train_cifar.main(["--summarize", str(tmp_path / "out")])
+    rows = [dict(zip(*[line.split(",") for line in ((tmp_path / "out" / "sweep.csv").read_text().splitlines()[0], row)]))
+            for row in (tmp_path / "out" / "sweep.csv").read_text().splitlines()[1:]]
+    assert len(rows) == 4 and sum(r["best"] == "True" for r in rows) == 2
+    for name in ("adamw", "muon"):  # higher accuracy is better
+        mine = [r for r in rows if r["optimizer"] == name]
+        assert max(mine, key=lambda r: float(r["mean"]))["best"] == "True"
+    with pytest.raises(SystemExit) as exit_info:
+        train_cifar.main(cifar_args(tmp_path, folder, "cifar10", *sweep[:-1], "3"))
+    assert "other settings" in str(exit_info.value) and "epochs: 1 vs 3" in str(exit_info.value)

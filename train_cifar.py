@@ -343,14 +343,76 @@ def train(args, data, optimizer_name, lr, seed, run_dir, resume_from=None):
             print(f"{optimizer_name} lr={lr:g} epoch {epoch + 1}: loss {train_loss:.3f}, train acc "
                   f"{entry['train_acc']:.3f}, test top-1 {top1:.4f} top-5 {top5:.4f}, "
                   f"{epoch_time:.1f}s ({entry['images_per_s']:,.0f} img/s)")
-    entries = [json.loads(l) for l in log_path.read_text().splitlines()]
-    last = entries[-1] if entries else {}
-    summary = dict(optimizer=optimizer_name, lr=lr, seed=seed, epochs=args.epochs,
-                   test_top1=last.get("test_top1", float("nan")),
-                   test_top5=last.get("test_top5", float("nan")), time=round(elapsed, 1))
+    summary = run_summary(optimizer_name, lr, seed, log_path, elapsed)
     print(f"{optimizer_name} lr={lr:g} seed={seed}: test top-1 {summary['test_top1']:.4f}, "
           f"top-5 {summary['test_top5']:.4f} after {args.epochs} epochs, {elapsed:.1f}s")
     return summary
+
+
+def run_summary(optimizer_name, lr, seed, log_path, elapsed):
+    """One row of results.csv, from the last epoch in a run's log."""
+    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    last = entries[-1] if entries else {}
+    return dict(optimizer=optimizer_name, lr=lr, seed=seed, epochs=last.get("epoch", 0),
+                test_top1=last.get("test_top1", float("nan")),
+                test_top5=last.get("test_top5", float("nan")), time=round(elapsed, 1))
+
+
+# What may differ between the runs of one comparison; every other argument is a setting
+# that they must share (checked when a finished run is reused, or a folder summarized).
+NOT_SETTINGS = ("optimizer", "lr", "seed", "optimizers", "lrs", "seeds", "out_dir", "resume",
+                "summarize", "quiet", "epochs_given", "data_dir", "cache_dir")
+
+
+def load_run(run_dir, what):
+    path = run_dir / "ckpt.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ReportedError(f"{what} {path}: not a readable checkpoint ({e})") from None
+
+
+def finished_run(run_dir, args):
+    """A summary of the finished run in run_dir, "unfinished" for one that stopped early
+    (to be resumed), or None where there is none. A run made with other settings is an
+    error: silently mixing it into a comparison would be a wrong result."""
+    if not (run_dir / "ckpt.pt").exists():
+        return None
+    saved = load_run(run_dir, "the earlier run in")
+    differences = reg.settings_differences(saved["args"], vars(args), NOT_SETTINGS)
+    if differences:
+        raise ReportedError(f"{run_dir} holds a run with other settings ({'; '.join(differences[:3])}): "
+                            "pass another --out-dir, or remove that folder")
+    if saved["epoch"] < args.epochs:
+        return "unfinished"
+    return run_summary(saved["optimizer_name"], saved["lr"], saved["seed"], run_dir / "log.jsonl",
+                       saved["elapsed"])
+
+
+def summarize(folder):
+    """--summarize: the lr sweep of every finished run in a folder, as a table (mean and
+    spread of test top-1 over seeds at each lr), sweep.csv and sweep.png; then results.csv
+    and accuracy.png of the runs at each optimizer's best lr."""
+    folder = Path(folder)
+    runs, first = [], None
+    for run_dir in sorted(path.parent for path in folder.glob("*/ckpt.pt")):
+        saved = load_run(run_dir, "--summarize")
+        first = first or (run_dir, saved["args"])
+        differences = reg.settings_differences(first[1], saved["args"], NOT_SETTINGS)
+        if differences:
+            raise ReportedError(f"--summarize {folder}: {first[0].name} and {run_dir.name} were run with "
+                                f"other settings ({'; '.join(differences[:3])}); keep one sweep per folder")
+        if saved["epoch"] < saved["args"]["epochs"]:
+            print(f"{run_dir.name}: unfinished (epoch {saved['epoch']}), left out")
+            continue
+        runs.append(dict(run_summary(saved["optimizer_name"], saved["lr"], saved["seed"],
+                                     run_dir / "log.jsonl", saved["elapsed"]), run=run_dir.name))
+    if not runs:
+        raise ReportedError(f"--summarize {folder}: no finished runs there (each run folder holds a ckpt.pt)")
+    table = reg.summarize_sweep(runs, "test_top1", lower_is_better=False)
+    reg.write_sweep(table, folder, "test top-1 accuracy")
+    best = {(row["optimizer"], row["lr"]) for row in table if row["best"]}
+    report([r for r in runs if (r["optimizer"], r["lr"]) in best], folder)
 
 
 # -----------------------------------------------------------------------------
@@ -383,6 +445,9 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default="data", help="where the archive is downloaded and extracted")
     p.add_argument("--out-dir", default="out/cifar", help="runs, logs, checkpoints, plots")
     p.add_argument("--resume", default=None, help="a run directory or ckpt.pt to continue")
+    p.add_argument("--summarize", default=None, metavar="DIR",
+                   help="train nothing: tabulate the finished runs in DIR (an --out-dir) per "
+                        "optimizer and lr, mean and spread over seeds, and plot the sweep")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="CUDA: no bfloat16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the net and reg's math")
@@ -453,12 +518,15 @@ def report(summaries, out_dir):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "accuracy.png", dpi=120)
+    plt.close(fig)
     print(f"plot: {out_dir / 'accuracy.png'}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.summarize:
+            return summarize(args.summarize)
         resume_from = None
         if args.resume:  # the run continues with the settings it was started with
             resume_from = Path(args.resume)
@@ -468,16 +536,26 @@ def main(argv=None):
             saved = torch.load(resume_from, map_location="cpu", weights_only=False)
             keep = dict(resume=args.resume, quiet=args.quiet,
                         epochs=args.epochs if args.epochs_given else saved["args"]["epochs"])
-            args = argparse.Namespace(**{**saved["args"], **keep})
+            args = argparse.Namespace(**{**vars(args), **saved["args"], **keep})
             args.optimizers, args.lrs, args.seeds = [saved["optimizer_name"]], [saved["lr"]], [saved["seed"]]
         data = load_data(args)
         out_dir = Path(args.out_dir) if not resume_from else resume_from.parent.parent
         summaries = []
         for name, lr, seed in itertools.product(args.optimizers, args.lrs, args.seeds):
             run = f"{args.dataset}-{args.net}-{name}-lr{lr:g}-s{seed}"
+            run_from = resume_from
             if resume_from:
                 run = resume_from.parent.name
-            summaries.append(dict(train(args, data, name, lr, seed, out_dir / run, resume_from), run=run))
+            else:  # a sweep that was interrupted, or extended, redoes nothing that is done
+                earlier = finished_run(out_dir / run, args)
+                if isinstance(earlier, dict):
+                    print(f"{run}: finished earlier with these settings; reusing it")
+                    summaries.append(dict(earlier, run=run))
+                    continue
+                if earlier == "unfinished":
+                    print(f"{run}: stopped early; resuming it")
+                    run_from = out_dir / run / "ckpt.pt"
+            summaries.append(dict(train(args, data, name, lr, seed, out_dir / run, run_from), run=run))
         report(summaries, out_dir)
     except ReportedError as e:
         sys.exit(f"error: {e}")

@@ -138,7 +138,25 @@ def read_documents(file):
     return [text] if text else []
 
 
-def load_tokenizer(bpe_dir=None):
+class ByteTokenizer:
+    """Each UTF-8 byte is a token (0-255), 256 ends a document. With 257 symbols the
+    embedding and head are tiny, so nearly every weight is a hidden matrix that the matrix
+    optimizers train, and a CPU spends its time in the blocks rather than in a 50k-way
+    softmax: the setting in which optimizers of hidden matrices can be compared on a CPU.
+    Losses are per byte, so they are not comparable with GPT-2 BPE losses (per token)."""
+    name, n_vocab, eot_token = "bytes", 257, 256
+
+    def encode_ordinary_batch(self, texts):
+        return [list(text.encode("utf-8")) for text in texts]
+
+
+def load_tokenizer(bpe_dir=None, kind="gpt2"):
+    if kind == "bytes":
+        return ByteTokenizer()
+    return load_gpt2_tokenizer(bpe_dir)
+
+
+def load_gpt2_tokenizer(bpe_dir=None):
     """GPT-2 BPE through tiktoken, as nanoGPT does. tiktoken downloads its two files on
     first use; with no network, point --bpe-dir at a folder holding encoder.json and
     vocab.bpe (byte-identical copies, e.g. ../shared/data/gpt2-bpe)."""
@@ -243,13 +261,13 @@ def load_data(args):
     else:
         source, name = Path(args.data), Path(args.data).resolve().name
         key = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:8]
-    cache_dir = Path(args.cache_dir) / f"{name}-{key}"
+    cache_dir = Path(args.cache_dir) / f"{name}-{key}" / args.tokenizer
     if args.data is None and not source.exists() and (cache_dir / "meta.json").exists():
         # The download was removed after tokenizing: the token cache alone is enough.
         meta = json.loads((cache_dir / "meta.json").read_text())
     else:
         files = [download(OWT_URL, source, OWT_BYTES)] if args.data is None else text_files(args.data)
-        meta = prepare(files, cache_dir, load_tokenizer(args.bpe_dir), args.val_fraction, args.data_seed)
+        meta = prepare(files, cache_dir, load_tokenizer(args.bpe_dir, args.tokenizer), args.val_fraction, args.data_seed)
     splits = {s: np.memmap(cache_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val")}
     for split, tokens in splits.items():
         if len(tokens) < args.block_size + 2:
@@ -489,6 +507,9 @@ def train(args, optimizer_name, lr, seed, splits, meta, run_dir, resume_from=Non
         cfg = GPTConfig(vocab_size=math.ceil(meta["n_vocab"] / 64) * 64, block_size=args.block_size,
                         n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                         dropout=args.dropout)
+    if init and init["args"].get("tokenizer", "gpt2") != args.tokenizer:
+        raise ReportedError(f"--init-from {args.init_from} was trained with --tokenizer "
+                            f"{init['args'].get('tokenizer', 'gpt2')}: pass the same --tokenizer")
     if cfg.n_embd % cfg.n_head:
         raise ReportedError(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
     if meta["n_vocab"] > cfg.vocab_size:
@@ -617,14 +638,44 @@ def train(args, optimizer_name, lr, seed, splits, meta, run_dir, resume_from=Non
             checkpoint(done)
             t_last = time.perf_counter()  # evaluation and saving are not training time
     bar.close()
-    summary = dict(optimizer=optimizer_name, lr=lr, seed=seed, final_val=val_loss,
-                   best_val=best_val, final_train=train_loss, steps=args.max_steps,
-                   tokens=args.max_steps * tokens_per_step, time=round(elapsed, 1))
-    if also_batches is not None:
-        summary["also_val"] = last_eval.get("also_val_loss", float("nan"))
     print(f"{optimizer_name} lr={lr:g} seed={seed}: best val loss {best_val:.4f}, "
           f"final {val_loss:.4f}, {elapsed:.1f}s of training")
+    return run_summary(optimizer_name, lr, seed, last_eval, best_val, elapsed)
+
+
+def run_summary(optimizer_name, lr, seed, last_eval, best_val, elapsed):
+    """One row of results.csv, from a run's final log entry (the last step is always an eval)."""
+    summary = dict(optimizer=optimizer_name, lr=lr, seed=seed, final_val=last_eval["val_loss"],
+                   best_val=best_val, final_train=last_eval["train_loss"], steps=last_eval["step"],
+                   tokens=last_eval["tokens"], time=round(elapsed, 1))
+    if "also_val_loss" in last_eval:
+        summary["also_val"] = last_eval["also_val_loss"]
     return summary
+
+
+# What may differ between the runs of one comparison; every other argument is a setting
+# that they must share (checked when a finished run is reused, or a folder summarized).
+NOT_SETTINGS = ("optimizer", "lr", "seed", "optimizers", "lrs", "seeds", "out_dir", "resume",
+                "summarize", "quiet", "log_every", "max_steps_given", "bpe_dir", "cache_dir",
+                "peak_tflops")
+
+
+def finished_run(run_dir, args):
+    """A summary of the finished run in run_dir, "unfinished" for one that stopped early
+    (to be resumed), or None where there is none. A run made with other settings is an
+    error: silently mixing it into a comparison would be a wrong result."""
+    if not (run_dir / "ckpt.pt").exists():
+        return None
+    saved, _ = load_checkpoint(run_dir, "the earlier run in")
+    differences = reg.settings_differences(saved["args"], vars(args), NOT_SETTINGS)
+    if differences:
+        raise ReportedError(f"{run_dir} holds a run with other settings ({'; '.join(differences[:3])}): "
+                            "pass another --out-dir, or remove that folder")
+    if saved["step"] < args.max_steps:
+        return "unfinished"
+    last = [json.loads(line) for line in read_log(run_dir / "log.jsonl", saved["step"])][-1]
+    return run_summary(saved["optimizer_name"], saved["lr"], saved["seed"], last,
+                       saved["best_val"], saved["elapsed"])
 
 
 # -----------------------------------------------------------------------------
@@ -662,12 +713,18 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--log-every", type=int, default=10, help="steps between progress updates")
     p.add_argument("--data", default=None, help="local text instead of openwebtext-100k")
+    p.add_argument("--tokenizer", choices=["gpt2", "bytes"], default="gpt2",
+                   help="gpt2: GPT-2 BPE (nanoGPT); bytes: UTF-8 bytes, 257 symbols (small CPU "
+                        "runs in which the hidden matrices hold nearly all weights)")
     p.add_argument("--bpe-dir", default=None, help="local GPT-2 encoder.json + vocab.bpe (offline)")
     p.add_argument("--cache-dir", default="data", help="downloads and token caches")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out")
     p.add_argument("--data-seed", type=int, default=1337, help="seed of the train/val split")
     p.add_argument("--out-dir", default="out/gpt", help="runs, logs, checkpoints, plots")
     p.add_argument("--resume", default=None, help="a run directory or ckpt.pt to continue")
+    p.add_argument("--summarize", default=None, metavar="DIR",
+                   help="train nothing: tabulate the finished runs in DIR (an --out-dir) per "
+                        "optimizer and lr, mean and spread over seeds, and plot the sweep")
     p.add_argument("--init-from", default=None, help="start from a checkpoint's weights (fine-tuning)")
     p.add_argument("--also-eval", default=None,
                    help="also log the val loss on this data's val split (e.g. the pre-training data, "
@@ -738,6 +795,7 @@ def report(summaries, out_dir):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "loss.png", dpi=120)
+    plt.close(fig)
     print(f"plot: {out_dir / 'loss.png'}")
     plot_track(summaries, out_dir, plt)
 
@@ -766,17 +824,47 @@ def plot_track(summaries, out_dir, plt):
         row[0].legend(fontsize=8, title="update (solid), momentum (dotted)", title_fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "track.png", dpi=120)
+    plt.close(fig)
     print(f"plot: {out_dir / 'track.png'}")
+
+
+def summarize(folder):
+    """--summarize: the lr sweep of every finished run in a folder, as a table (mean and
+    spread over seeds at each lr), sweep.csv and sweep.png; then results.csv and loss.png
+    of the runs at each optimizer's best lr."""
+    folder = Path(folder)
+    runs, first = [], None
+    for run_dir in sorted(path.parent for path in folder.glob("*/ckpt.pt")):
+        saved, _ = load_checkpoint(run_dir, "--summarize")
+        first = first or (run_dir, saved["args"])
+        differences = reg.settings_differences(first[1], saved["args"], NOT_SETTINGS)
+        if differences:
+            raise ReportedError(f"--summarize {folder}: {first[0].name} and {run_dir.name} were run with "
+                                f"other settings ({'; '.join(differences[:3])}); keep one sweep per folder")
+        if saved["step"] < saved["args"]["max_steps"]:
+            print(f"{run_dir.name}: unfinished (step {saved['step']}), left out")
+            continue
+        last = [json.loads(line) for line in read_log(run_dir / "log.jsonl", saved["step"])][-1]
+        runs.append(dict(run_summary(saved["optimizer_name"], saved["lr"], saved["seed"], last,
+                                     saved["best_val"], saved["elapsed"]), run=run_dir.name))
+    if not runs:
+        raise ReportedError(f"--summarize {folder}: no finished runs there (each run folder holds a ckpt.pt)")
+    table = reg.summarize_sweep(runs, "final_val")
+    reg.write_sweep(table, folder, "final val loss")
+    best = {(row["optimizer"], row["lr"]) for row in table if row["best"]}
+    report([r for r in runs if (r["optimizer"], r["lr"]) in best], folder)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.summarize:
+            return summarize(args.summarize)
         if args.resume:  # the run continues with the settings it was started with
             saved, _ = load_checkpoint(args.resume, "--resume")
             keep = dict(resume=args.resume, quiet=args.quiet,
                         max_steps=args.max_steps if args.max_steps_given else saved["args"]["max_steps"])
-            args = argparse.Namespace(**{**saved["args"], **keep})
+            args = argparse.Namespace(**{**vars(args), **saved["args"], **keep})
         out_dir = Path(args.out_dir)
         splits, meta = load_data(args)
         also_val = None
@@ -792,6 +880,15 @@ def main(argv=None):
                 run_dir = Path(resume_from) if Path(resume_from).is_dir() else Path(resume_from).parent
                 run = run_dir.name
                 out_dir = run_dir.parent
+            else:  # a sweep that was interrupted, or extended, redoes nothing that is done
+                earlier = finished_run(out_dir / run, args)
+                if isinstance(earlier, dict):
+                    print(f"{run}: finished earlier with these settings; reusing it")
+                    summaries.append(dict(earlier, run=run))
+                    continue
+                if earlier == "unfinished":
+                    print(f"{run}: stopped early; resuming it")
+                    resume_from = out_dir / run
             summary = train(args, name, lr, seed, splits, meta, out_dir / run, resume_from, also_val)
             summaries.append(dict(summary, run=run))
         report(summaries, out_dir)
