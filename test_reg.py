@@ -891,7 +891,7 @@ def test_train_gpt_sweep_reuses_finished_runs_resumes_stopped_ones_and_summarize
     assert all(",0.01,2," in row and row.endswith(",True,False") for row in rows[1:])
     # A run with other settings is never mixed into a sweep.
     expect_error(gpt_args(tmp_path, data, bpe, *sweep[:-4], "--max-steps", "20", "--eval-every", "6"),
-                 "other settings", "max_steps: 12 vs 20")
+                 "other settings", "max_steps: 12 vs 20", "one sweep")
     expect_error(["--summarize", str(tmp_path / "nothing")], "no finished runs")
 
 

@@ -660,18 +660,19 @@ NOT_SETTINGS = ("optimizer", "lr", "seed", "optimizers", "lrs", "seeds", "out_di
                 "peak_tflops")
 
 
-def finished_run(run_dir, args):
+def finished_run(run_dir, settings):
     """A summary of the finished run in run_dir, "unfinished" for one that stopped early
-    (to be resumed), or None where there is none. A run made with other settings is an
-    error: silently mixing it into a comparison would be a wrong result."""
+    (to be resumed), or None where there is none. A run made with other settings than
+    `settings` (an args dict) is an error: mixing it into a comparison would be a wrong
+    result."""
     if not (run_dir / "ckpt.pt").exists():
         return None
     saved, _ = load_checkpoint(run_dir, "the earlier run in")
-    differences = reg.settings_differences(saved["args"], vars(args), NOT_SETTINGS)
+    differences = reg.settings_differences(saved["args"], settings, NOT_SETTINGS)
     if differences:
-        raise ReportedError(f"{run_dir} holds a run with other settings ({'; '.join(differences[:3])}): "
-                            "pass another --out-dir, or remove that folder")
-    if saved["step"] < args.max_steps:
+        raise ReportedError(f"{run_dir} was run with other settings ({'; '.join(differences[:3])}); "
+                            "a folder holds one sweep: pass another --out-dir, or remove that run")
+    if saved["step"] < settings["max_steps"]:
         return "unfinished"
     last = [json.loads(line) for line in read_log(run_dir / "log.jsonl", saved["step"])][-1]
     return run_summary(saved["optimizer_name"], saved["lr"], saved["seed"], last,
@@ -830,25 +831,22 @@ def plot_track(summaries, out_dir, plt):
 
 def summarize(folder):
     """--summarize: the lr sweep of every finished run in a folder, as a table (mean and
-    spread over seeds at each lr), sweep.csv and sweep.png; then results.csv and loss.png
-    of the runs at each optimizer's best lr."""
+    spread of the final val loss over seeds at each lr), sweep.csv and sweep.png; then results.csv and
+    loss.png of the runs at each optimizer's best lr."""
     folder = Path(folder)
-    runs, first = [], None
-    for run_dir in sorted(path.parent for path in folder.glob("*/ckpt.pt")):
-        saved, _ = load_checkpoint(run_dir, "--summarize")
-        first = first or (run_dir, saved["args"])
-        differences = reg.settings_differences(first[1], saved["args"], NOT_SETTINGS)
-        if differences:
-            raise ReportedError(f"--summarize {folder}: {first[0].name} and {run_dir.name} were run with "
-                                f"other settings ({'; '.join(differences[:3])}); keep one sweep per folder")
-        if saved["step"] < saved["args"]["max_steps"]:
-            print(f"{run_dir.name}: unfinished (step {saved['step']}), left out")
-            continue
-        last = [json.loads(line) for line in read_log(run_dir / "log.jsonl", saved["step"])][-1]
-        runs.append(dict(run_summary(saved["optimizer_name"], saved["lr"], saved["seed"], last,
-                                     saved["best_val"], saved["elapsed"]), run=run_dir.name))
-    if not runs:
+    run_dirs = sorted(path.parent for path in folder.glob("*/ckpt.pt"))
+    if not run_dirs:
         raise ReportedError(f"--summarize {folder}: no finished runs there (each run folder holds a ckpt.pt)")
+    settings = load_checkpoint(run_dirs[0], "--summarize")[0]["args"]
+    runs = []
+    for run_dir in run_dirs:
+        summary = finished_run(run_dir, settings)
+        if summary == "unfinished":
+            print(f"{run_dir.name}: unfinished, left out")
+        else:
+            runs.append(dict(summary, run=run_dir.name))
+    if not runs:
+        raise ReportedError(f"--summarize {folder}: every run there is unfinished")
     table = reg.summarize_sweep(runs, "final_val")
     reg.write_sweep(table, folder, "final val loss")
     best = {(row["optimizer"], row["lr"]) for row in table if row["best"]}
@@ -881,7 +879,7 @@ def main(argv=None):
                 run = run_dir.name
                 out_dir = run_dir.parent
             else:  # a sweep that was interrupted, or extended, redoes nothing that is done
-                earlier = finished_run(out_dir / run, args)
+                earlier = finished_run(out_dir / run, vars(args))
                 if isinstance(earlier, dict):
                     print(f"{run}: finished earlier with these settings; reusing it")
                     summaries.append(dict(earlier, run=run))
