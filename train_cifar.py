@@ -6,6 +6,8 @@ train_cifar.py: CIFAR-100 (or CIFAR-10) classification with any optimizer of reg
     python train_cifar.py --dataset cifar10 --net small --epochs 10
     python train_cifar.py --data-dir ../shared/data/cifar100-mini/cifar-100-python --epochs 3
     python train_cifar.py --resume out/cifar/cifar100-small-reg-lr0.003-s0
+    python train_cifar.py --optimizer adamw,reg --lr 1e-3,3e-3,1e-2 --seed 0,1,2  # a sweep
+    python train_cifar.py --summarize out/cifar           # its table and plot, per optimizer and lr
 
 The data is the official "python version" archive from www.cs.toronto.edu/~kriz, downloaded
 once (progress bar, temporary name, MD5 checked), extracted under --cache-dir and reused;
@@ -16,7 +18,8 @@ epoch at once, as airbench does: no DataLoader, no per-image Python.
 Each run writes --out-dir/<dataset>-<net>-<optimizer>-lr<lr>-s<seed>/: log.jsonl (one line
 per epoch: train loss and accuracy, test top-1 and top-5, time) and ckpt.pt (written
 atomically after every epoch; --resume continues exactly). Compare mode adds a table,
-results.csv and an accuracy plot (PNG, when matplotlib is installed).
+results.csv and an accuracy plot (PNG, when matplotlib is installed); run again, it reuses
+finished runs and resumes stopped ones.
 """
 
 import argparse

@@ -8,6 +8,9 @@ train_gpt.py: train a GPT (nanoGPT-style) on openwebtext-100k with any optimizer
     python train_gpt.py --resume out/gpt/reg-lr0.0006-s0  # continue an interrupted run
     python train_gpt.py --init-from out/gpt/adamw-lr0.0006-s0/ckpt.pt --data other.txt \\
         --optimizer reg,muon,adamw                        # fine-tune an AdamW-trained model
+    python train_gpt.py --preset small --tokenizer bytes --optimizer adamw,muon,reg \\
+        --lr 1e-3,4e-3,1.6e-2 --seed 0 --out-dir out/sweep  # an lr sweep (rerun: reuses runs)
+    python train_gpt.py --summarize out/sweep             # its table and plot, per optimizer and lr
 
 The default data set is Elriggs/openwebtext-100k (one 303 MB Parquet file from the Hugging
 Face hub), tokenized once with GPT-2 BPE into uint16 files under --cache-dir and reused.
@@ -151,6 +154,7 @@ class ByteTokenizer:
 
 
 def load_tokenizer(bpe_dir=None, kind="gpt2"):
+    """The tokenizer that --tokenizer names: "gpt2" (BPE) or "bytes"."""
     if kind == "bytes":
         return ByteTokenizer()
     return load_gpt2_tokenizer(bpe_dir)
