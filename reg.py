@@ -654,7 +654,8 @@ def write_sweep(table, folder, metric_label, value_format="{:.4f}"):
                            yerr=[r["std"] for r in rows], marker=".", capsize=3, label=name)
         best = next(r for r in rows if r["best"])
         ax.plot(best["lr"], best["mean"], "o", mfc="none", ms=10, color=line[0].get_color())
-    ax.set_xscale("log")
+    if all(row["lr"] > 0 for row in table):
+        ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel(f"{metric_label} (ring: best lr)")
     ax.legend(fontsize=8)

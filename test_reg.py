@@ -791,6 +791,11 @@ def test_train_gpt_init_from_starts_from_the_checkpoint_weights(tmp_path, bpe):
     assert [e["step"] for e in log] == [0, 2]
     assert log[0]["val_loss"] == log[1]["val_loss"]
     assert log[0]["also_val_loss"] == pytest.approx(read_run_log(tmp_path, "adamw-lr0.003-s0")[-1]["val_loss"])
+    # Forgetting is the rise of that loss from step 0: none at lr 0.
+    header, row = (tmp_path / "ft" / "results.csv").read_text().splitlines()
+    assert dict(zip(header.split(","), row.split(",")))["forgetting"] == "0.0"
+    train_gpt.main(["--summarize", str(tmp_path / "ft")])
+    assert (tmp_path / "ft" / "sweep.csv").exists()
 
 
 def test_train_gpt_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, bpe, monkeypatch, capsys):

@@ -644,16 +644,21 @@ def train(args, optimizer_name, lr, seed, splits, meta, run_dir, resume_from=Non
     bar.close()
     print(f"{optimizer_name} lr={lr:g} seed={seed}: best val loss {best_val:.4f}, "
           f"final {val_loss:.4f}, {elapsed:.1f}s of training")
-    return run_summary(optimizer_name, lr, seed, last_eval, best_val, elapsed)
+    return run_summary(optimizer_name, lr, seed, read_log(log_path, args.max_steps), best_val, elapsed)
 
 
-def run_summary(optimizer_name, lr, seed, last_eval, best_val, elapsed):
-    """One row of results.csv, from a run's final log entry (the last step is always an eval)."""
-    summary = dict(optimizer=optimizer_name, lr=lr, seed=seed, final_val=last_eval["val_loss"],
-                   best_val=best_val, final_train=last_eval["train_loss"], steps=last_eval["step"],
-                   tokens=last_eval["tokens"], time=round(elapsed, 1))
-    if "also_val_loss" in last_eval:
-        summary["also_val"] = last_eval["also_val_loss"]
+def run_summary(optimizer_name, lr, seed, log_lines, best_val, elapsed):
+    """One row of results.csv, from a run's log (its last step is always an eval). A
+    fine-tuning run with --also-eval also gets its forgetting: how much the other data's
+    val loss rose from step 0."""
+    first, last = json.loads(log_lines[0]), json.loads(log_lines[-1])
+    summary = dict(optimizer=optimizer_name, lr=lr, seed=seed, final_val=last["val_loss"],
+                   best_val=best_val, final_train=last["train_loss"], steps=last["step"],
+                   tokens=last["tokens"], time=round(elapsed, 1))
+    if "also_val_loss" in last:
+        summary["also_val"] = last["also_val_loss"]
+        if first["step"] == 0:
+            summary["forgetting"] = last["also_val_loss"] - first["also_val_loss"]
     return summary
 
 
@@ -678,9 +683,8 @@ def finished_run(run_dir, settings):
                             "a folder holds one sweep: pass another --out-dir, or remove that run")
     if saved["step"] < settings["max_steps"]:
         return "unfinished"
-    last = [json.loads(line) for line in read_log(run_dir / "log.jsonl", saved["step"])][-1]
-    return run_summary(saved["optimizer_name"], saved["lr"], saved["seed"], last,
-                       saved["best_val"], saved["elapsed"])
+    return run_summary(saved["optimizer_name"], saved["lr"], saved["seed"],
+                       read_log(run_dir / "log.jsonl", saved["step"]), saved["best_val"], saved["elapsed"])
 
 
 # -----------------------------------------------------------------------------
@@ -854,7 +858,44 @@ def summarize(folder):
     table = reg.summarize_sweep(runs, "final_val")
     reg.write_sweep(table, folder, "final val loss")
     best = {(row["optimizer"], row["lr"]) for row in table if row["best"]}
+    if "forgetting" in runs[0]:
+        plot_forgetting(runs, table, folder)
     report([r for r in runs if (r["optimizer"], r["lr"]) in best], folder)
+
+
+def plot_forgetting(runs, table, folder):
+    """Fine-tuning sweeps: forgetting at each optimizer's best lr, and forgetting.png, the
+    trade-off across lrs. A larger lr learns the new data faster and forgets more, so
+    optimizers are best compared along these curves (down and left is better), not at one
+    point each."""
+    forgetting = {(r["optimizer"], r["lr"]): r for r in reg.summarize_sweep(runs, "forgetting")}
+    print(f"\n{'optimizer':<11}{'best lr':>9}  forgetting (mean +- std)")
+    for row in table:
+        if row["best"]:
+            f = forgetting[row["optimizer"], row["lr"]]
+            print(f"{row['optimizer']:<11}{row['lr']:>9.3g}  {f['mean']:+.4f} +- {f['std']:.4f}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(row["optimizer"] for row in table):
+        rows = [row for row in table if row["optimizer"] == name]
+        line, = ax.plot([r["mean"] for r in rows], [forgetting[name, r["lr"]]["mean"] for r in rows],
+                        marker=".", label=name)
+        best = next(r for r in rows if r["best"])
+        ax.plot(best["mean"], forgetting[name, best["lr"]]["mean"], "o", mfc="none", ms=10,
+                color=line.get_color())
+    ax.set_xlabel("final val loss on the new data (points: lrs; ring: best lr)")
+    ax.set_ylabel("forgetting: rise of the --also-eval val loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(folder / "forgetting.png", dpi=120)
+    plt.close(fig)
+    print(f"plot: {folder / 'forgetting.png'}")
 
 
 def main(argv=None):
