@@ -625,6 +625,19 @@ def summarize_sweep(runs, metric, lower_is_better=True):
     return table
 
 
+def pyplot(figure):
+    """matplotlib.pyplot, drawing to files; None (with a note naming `figure`) when
+    matplotlib is not installed, since the plots are optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib is not installed: no {figure}; pip install matplotlib for it)")
+        return None
+    return plt
+
+
 def write_sweep(table, folder, metric_label, value_format="{:.4f}"):
     """Print a summarize_sweep table and write it to folder/sweep.csv, and (with
     matplotlib) folder/sweep.png: the metric against lr, one line per optimizer, error bars
@@ -640,12 +653,8 @@ def write_sweep(table, folder, metric_label, value_format="{:.4f}"):
     tmp = folder / "sweep.csv.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, folder / "sweep.csv")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: no sweep.png)")
+    plt = pyplot("sweep.png")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(row["optimizer"] for row in table):

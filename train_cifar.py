@@ -502,12 +502,8 @@ def report(summaries, out_dir):
     keys = list(summaries[0])
     (out_dir / "results.csv").write_text("\n".join(
         [",".join(keys)] + [",".join(str(s[k]) for k in keys) for s in summaries]) + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: no plot; pip install matplotlib for accuracy.png)")
+    plt = reg.pyplot("accuracy.png")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in summaries:

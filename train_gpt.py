@@ -782,12 +782,8 @@ def report(summaries, out_dir):
     keys = list(summaries[0])
     lines = [",".join(keys)] + [",".join(str(s[k]) for k in keys) for s in summaries]
     (out_dir / "results.csv").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: no plot; pip install matplotlib for loss.png)")
+    plt = reg.pyplot("loss.png")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in summaries:
@@ -874,11 +870,8 @@ def plot_forgetting(runs, table, folder):
         if row["best"]:
             f = forgetting[row["optimizer"], row["lr"]]
             print(f"{row['optimizer']:<11}{row['lr']:>9.3g}  {f['mean']:+.4f} +- {f['std']:.4f}")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = reg.pyplot("forgetting.png")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(row["optimizer"] for row in table):
