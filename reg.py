@@ -638,6 +638,17 @@ def pyplot(figure):
     return plt
 
 
+def write_csv(rows, path):
+    """rows (dicts with the same keys) -> a CSV file, written atomically: a reader, or a
+    second sweep writing into the same folder, sees the old file or the new one, never a
+    mix. The temporary name carries the process id so that two writers cannot collide."""
+    keys = list(rows[0])
+    lines = [",".join(keys)] + [",".join(str(row[k]) for k in keys) for row in rows]
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
 def write_sweep(table, folder, metric_label, value_format="{:.4f}"):
     """Print a summarize_sweep table and write it to folder/sweep.csv, and (with
     matplotlib) folder/sweep.png: the metric against lr, one line per optimizer, error bars
@@ -648,11 +659,7 @@ def write_sweep(table, folder, metric_label, value_format="{:.4f}"):
         value = f"{value_format.format(row['mean'])} +- {value_format.format(row['std'])}"
         flag = "  best" + (" (at the edge of the grid: widen it)" if row["edge"] else "") if row["best"] else ""
         print(f"{row['optimizer']:<11}{row['lr']:>9.3g}{row['n']:>6}  {value}{flag}")
-    keys = list(table[0])
-    lines = [",".join(keys)] + [",".join(str(row[k]) for k in keys) for row in table]
-    tmp = folder / "sweep.csv.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, folder / "sweep.csv")
+    write_csv(table, folder / "sweep.csv")
     plt = pyplot("sweep.png")
     if plt is None:
         return

@@ -894,6 +894,7 @@ def test_train_gpt_sweep_reuses_finished_runs_resumes_stopped_ones_and_summarize
     rows = (tmp_path / "out" / "sweep.csv").read_text().splitlines()
     assert rows[0] == "optimizer,lr,n,mean,std,best,edge" and len(rows) == 3
     assert all(",0.01,2," in row and row.endswith(",True,False") for row in rows[1:])
+    assert not list((tmp_path / "out").glob("*.tmp"))  # the CSVs were written via a temporary name
     # A run with other settings is never mixed into a sweep.
     expect_error(gpt_args(tmp_path, data, bpe, *sweep[:-4], "--max-steps", "20", "--eval-every", "6"),
                  "other settings", "max_steps: 12 vs 20", "one sweep")

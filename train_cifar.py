@@ -499,9 +499,7 @@ def report(summaries, out_dir):
     for s in summaries:
         print(f"{s['optimizer']:<11}{s['lr']:>9.2g}{s['seed']:>6}{s['test_top1']:>8.4f}"
               f"{s['test_top5']:>8.4f}{s['time']:>9.1f}")
-    keys = list(summaries[0])
-    (out_dir / "results.csv").write_text("\n".join(
-        [",".join(keys)] + [",".join(str(s[k]) for k in keys) for s in summaries]) + "\n")
+    reg.write_csv(summaries, out_dir / "results.csv")
     plt = reg.pyplot("accuracy.png")
     if plt is None:
         return

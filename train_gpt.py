@@ -779,9 +779,7 @@ def report(summaries, out_dir):
     for s in summaries:
         print(f"{s['optimizer']:<11}{s['lr']:>9.2g}{s['seed']:>6}{s['best_val']:>10.4f}"
               f"{s['final_val']:>11.4f}" + (f"{s['also_val']:>11.4f}" if also else "") + f"{s['time']:>9.1f}")
-    keys = list(summaries[0])
-    lines = [",".join(keys)] + [",".join(str(s[k]) for k in keys) for s in summaries]
-    (out_dir / "results.csv").write_text("\n".join(lines) + "\n")
+    reg.write_csv(summaries, out_dir / "results.csv")
     plt = reg.pyplot("loss.png")
     if plt is None:
         return
