@@ -20,6 +20,11 @@ per epoch: train loss and accuracy, test top-1 and top-5, time) and ckpt.pt (wri
 atomically after every epoch; --resume continues exactly). Compare mode adds a table,
 results.csv and an accuracy plot (PNG, when matplotlib is installed); run again, it reuses
 finished runs and resumes stopped ones.
+
+Measured (README, "Results"): the small net at --width 16 (125k parameters), 2 epochs on all
+of CIFAR-10, about 4 minutes on one core of a 2-core AMD EPYC, reaches 69.4% test top-1
+with AdamW, 70.7% with Muon, 71.5% with MuonEq-R and 66.5% with REG, each at its own swept
+learning rate (mean of 3 seeds). No GPU numbers have been measured yet.
 """
 
 import argparse

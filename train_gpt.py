@@ -21,6 +21,12 @@ Every run writes to --out-dir/<optimizer>-lr<lr>-s<seed>/: log.jsonl (one line p
 step, train loss, val loss, lr, time), ckpt.pt (model, optimizer, step, RNG and data
 position, written atomically) and, in compare mode, a summary table, results.csv and a
 loss plot (PNG, when matplotlib is installed).
+
+Measured (README, "Results"): the `small` preset with --tokenizer bytes (0.85M parameters,
+300 steps of 16x128 bytes of the OpenWebText sample, about 3 minutes on one core of a
+2-core AMD EPYC) reaches a validation loss of 2.48 nats per byte with AdamW and 2.01-2.06
+with Muon, MuonEq and NorMuon, each at its own swept learning rate (mean of 3 seeds).
+No GPU numbers have been measured yet.
 """
 
 import argparse
