@@ -638,6 +638,15 @@ def pyplot(figure):
     return plt
 
 
+def save_figure(plt, fig, path):
+    """Write a finished figure to path (and say where), then free it: pyplot keeps every
+    open figure alive until it is closed."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
 def write_csv(rows, path):
     """rows (dicts with the same keys) -> a CSV file, written atomically: a reader, or a
     second sweep writing into the same folder, sees the old file or the new one, never a
@@ -676,10 +685,7 @@ def write_sweep(table, folder, metric_label, value_format="{:.4f}"):
     ax.set_ylabel(f"{metric_label} (ring: best lr)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(folder / "sweep.png", dpi=120)
-    plt.close(fig)
-    print(f"plot: {folder / 'sweep.png'}")
+    save_figure(plt, fig, folder / "sweep.png")
 
 
 def build_optimizer(name, model, lr=1e-3, weight_decay=0.1, **kw):

@@ -517,10 +517,7 @@ def report(summaries, out_dir):
     ax.set_ylabel("test top-1 accuracy")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "accuracy.png", dpi=120)
-    plt.close(fig)
-    print(f"plot: {out_dir / 'accuracy.png'}")
+    reg.save_figure(plt, fig, out_dir / "accuracy.png")
 
 
 def main(argv=None):

@@ -802,10 +802,7 @@ def report(summaries, out_dir):
     ax.set_ylabel("validation loss" + (" (dashed: --also-eval data)" if also else ""))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss.png", dpi=120)
-    plt.close(fig)
-    print(f"plot: {out_dir / 'loss.png'}")
+    reg.save_figure(plt, fig, out_dir / "loss.png")
     plot_track(summaries, out_dir, plt)
 
 
@@ -831,10 +828,7 @@ def plot_track(summaries, out_dir, plt):
             ax.set_xlabel("tokens")
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8, title="update (solid), momentum (dotted)", title_fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "track.png", dpi=120)
-    plt.close(fig)
-    print(f"plot: {out_dir / 'track.png'}")
+    reg.save_figure(plt, fig, out_dir / "track.png")
 
 
 def summarize(folder):
@@ -889,10 +883,7 @@ def plot_forgetting(runs, table, folder):
     ax.set_ylabel("forgetting: rise of the --also-eval val loss")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(folder / "forgetting.png", dpi=120)
-    plt.close(fig)
-    print(f"plot: {folder / 'forgetting.png'}")
+    reg.save_figure(plt, fig, folder / "forgetting.png")
 
 
 def main(argv=None):
