@@ -128,20 +128,39 @@ def equilibrate(U, mode="R", eps=1e-8):
     """MuonEq's pre-orthogonalization equilibration (arXiv 2603.28254).
 
     r_i = sum_j U_ij^2 and c_j = sum_i U_ij^2, both from the same U, then
-        R:  diag(r+eps)^-1/2 U                     every row has unit L2 norm
-        C:  U diag(c+eps)^-1/2                     every column has unit L2 norm
-        RC: diag(r+eps)^-1/2 U diag(c+eps)^-1/2    one simultaneous two-sided step
+        R:  diag(r+eps_r)^-1/2 U                       every row has unit L2 norm
+        C:  U diag(c+eps_c)^-1/2                       every column has unit L2 norm
+        RC: diag(r+eps_r)^-1/2 U diag(c+eps_c)^-1/2    one simultaneous two-sided step
     Removing the rows' (or columns') scale mismatch lowers the condition number that
     Newton-Schulz has to fight, so its 5 steps get closer to an orthogonal matrix. No state.
+
+    The guard is relative: eps_r = eps * mean(r) and eps_c = eps * mean(c). The paper's
+    code adds an absolute 1e-8 to a sum-form momentum (B <- mu*B + G, about 1/(1-mu) = 20x
+    the gradient); our EMA momentum is 20x smaller, its sums of squares 400x, and late in a
+    GPT-2-sized run many rows sum to 1e-12..1e-11: an absolute 1e-8 would swamp them and
+    quietly turn MuonEq back into Muon. With a relative guard R and C do not depend on the
+    scale of U at all, and RC scales as 1/scale, which Newton-Schulz's own normalization
+    then removes: MuonEq's update is scale-free. U is also divided by its largest |entry| first, in float32 at
+    least, so that the squares neither underflow nor overflow (bfloat16 shares float32's
+    exponent range, so the same holds there). Zero rows and zero matrices stay zero.
+    Returns U's dtype.
     """
     if mode not in ("R", "C", "RC"):
         raise ValueError(f"equilibrate: mode must be 'R', 'C' or 'RC', got {mode!r}")
-    X = U
+    X = U.to(torch.promote_types(U.dtype, torch.float32))
+    tiny = torch.finfo(X.dtype).tiny
+    largest = X.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(tiny)
+    X = X / largest                                                  # entries in [-1, 1]
+    squares, Y = X.square(), X
     if "R" in mode:
-        X = X * (U.square().sum(dim=-1, keepdim=True) + eps).rsqrt()
+        r = squares.sum(dim=-1, keepdim=True)                        # (..., m, 1)
+        Y = Y * (r + eps * r.mean(dim=-2, keepdim=True)).clamp_min(tiny).rsqrt()
     if "C" in mode:
-        X = X * (U.square().sum(dim=-2, keepdim=True) + eps).rsqrt()
-    return X
+        c = squares.sum(dim=-2, keepdim=True)                        # (..., 1, n)
+        Y = Y * (c + eps * c.mean(dim=-1, keepdim=True)).clamp_min(tiny).rsqrt()
+    if mode == "RC":  # R and C give the same result for U and U/largest; RC scales as 1/U
+        Y = Y / largest
+    return Y.to(U.dtype)
 
 
 def normuon_normalize(O, v, beta2=0.95, eps=1e-8):

@@ -68,8 +68,9 @@ def ref_direction(name, U, v):
         return ref_newton_schulz(U), v, False
     if name.startswith("muoneq"):
         mode = name.split("-")[1].upper()
-        row = torch.diag(1 / torch.sqrt((U * U).sum(1) + 1e-8))
-        col = torch.diag(1 / torch.sqrt((U * U).sum(0) + 1e-8))
+        r, c = (U * U).sum(1), (U * U).sum(0)  # the guard is relative: 1e-8 of the mean
+        row = torch.diag(1 / torch.sqrt(r + 1e-8 * r.mean()))
+        col = torch.diag(1 / torch.sqrt(c + 1e-8 * c.mean()))
         E = {"R": row @ U, "C": U @ col, "RC": row @ U @ col}[mode]
         return ref_newton_schulz(E), v, False
     if name == "normuon":
@@ -113,6 +114,33 @@ def test_update_rule_matches_straight_line_derivation_in_float64(name, scale):
             opt.step()
         expected = ref_run(name, W0, grads, lr=0.03, wd=0.1, scale=scale)
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-12)
+
+
+def run_matrices(name, grad_scale, steps=4):
+    """Parameters after `steps` steps of a fresh optimizer on fixed gradients times grad_scale:
+    a wide and a tall matrix and a conv kernel, in float32 as in training."""
+    g = seeded(12)
+    shapes = [(32, 48), (48, 32), (8, 3, 3, 3)]
+    params = [nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    grads = [[10 * torch.randn(*s, generator=g) for s in shapes] for _ in range(steps)]
+    opt = reg.build_optimizer(name, [dict(params=params)], lr=0.02, weight_decay=0.1)
+    for step_grads in grads:
+        for p, G in zip(params, step_grads):
+            p.grad = grad_scale * G
+        opt.step()
+    return [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("name", MATRIX_NAMES)
+def test_every_matrix_rule_is_invariant_to_the_gradient_scale(name):
+    # All gradients times c, fresh optimizer: the same steps, to float32 round-off. The
+    # limit is Newton-Schulz's absolute floor (||U||_F >= 1e-7, as in torch.optim.Muon): the
+    # gradients here keep ||U||_F above it even at c = 1e-8. An absolute eps anywhere else
+    # (MuonEq's on the row sums, say) breaks this at c = 1e-6 already.
+    reference = run_matrices(name, 1.0)
+    for c in (1e-8, 1e-6, 1e-3, 1e4):
+        for a, b in zip(run_matrices(name, c), reference):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"c={c}: {m}")
 
 
 def test_adamw_part_equals_torch_adamw():
@@ -243,11 +271,23 @@ def test_equilibrate_r_gives_unit_rows_c_unit_columns_rc_one_two_sided_step():
     g = seeded(4)
     U = torch.randn(2, 10, 7, generator=g, dtype=torch.float64) * torch.logspace(0, 3, 10, dtype=torch.float64)[:, None]
     ones_rows, ones_cols = torch.ones(2, 10, dtype=torch.float64), torch.ones(2, 7, dtype=torch.float64)
-    torch.testing.assert_close(reg.equilibrate(U, "R").norm(dim=-1), ones_rows)
-    torch.testing.assert_close(reg.equilibrate(U, "C").norm(dim=-2), ones_cols)
-    r = (U.square().sum(-1, keepdim=True) + 1e-8).rsqrt()
-    c = (U.square().sum(-2, keepdim=True) + 1e-8).rsqrt()
+    # Unit rows / columns, up to the relative guard: a row 1000x shorter than the longest
+    # has a sum of squares ~1e-6 of the mean, so the guard (1e-8 of it) moves it by ~1e-3.
+    torch.testing.assert_close(reg.equilibrate(U, "R").norm(dim=-1), ones_rows, rtol=0, atol=1e-3)
+    torch.testing.assert_close(reg.equilibrate(U, "C").norm(dim=-2), ones_cols, rtol=0, atol=1e-3)
+    r, c = U.square().sum(-1, keepdim=True), U.square().sum(-2, keepdim=True)
+    r = (r + 1e-8 * r.mean(-2, keepdim=True)).rsqrt()
+    c = (c + 1e-8 * c.mean(-1, keepdim=True)).rsqrt()
     torch.testing.assert_close(reg.equilibrate(U, "RC"), r * U * c)
+    # Scale-free: rows whose sums of squares are ~1e-24 (far below any absolute eps) are
+    # still brought to unit norm, and bfloat16 input neither underflows nor overflows.
+    for alpha in (1e-12, 1e-30, 1e25):
+        for mode in ("R", "C"):
+            torch.testing.assert_close(reg.equilibrate(alpha * U, mode), reg.equilibrate(U, mode))
+        torch.testing.assert_close(alpha * reg.equilibrate(alpha * U, "RC"), reg.equilibrate(U, "RC"))
+    small = (1e-30 * U).to(torch.bfloat16)
+    torch.testing.assert_close(reg.equilibrate(small, "R").float().norm(dim=-1),
+                               ones_rows.float(), atol=2e-2, rtol=0)
     assert torch.equal(reg.equilibrate(torch.zeros(3, 4), "RC"), torch.zeros(3, 4))
     with pytest.raises(ValueError, match="mode must be"):
         reg.equilibrate(U, "X")
