@@ -13,7 +13,10 @@ import hashlib
 import io
 import json
 import math
+import os
 import pickle
+import subprocess
+import sys
 import tarfile
 import urllib.error
 from pathlib import Path
@@ -1159,6 +1162,22 @@ def test_cifar_every_optimizer_beats_chance_on_an_easy_fixture(tmp_path):
         assert log[-1]["test_top1"] > 0.4, (name, log[-1])  # chance is 0.1
         assert log[-1]["test_top5"] >= log[-1]["test_top1"]
     assert len((tmp_path / "out" / "results.csv").read_text().splitlines()) == 1 + len(NAMES)
+
+
+def test_cifar_resnet18_trains_on_a_cpu_with_two_threads(tmp_path):
+    # A channels_last batch through ResNet-18's strided 1x1 shortcut conv crashes oneDNN's
+    # backward on a CPU with 2+ threads when the batch size is odd (a segfault or a double
+    # free; torch 2.13): the last batch here has 7 images. A crash would kill pytest
+    # itself, so the run goes in a child process.
+    folder = write_cifar(tmp_path / "src", "cifar100", n_train=107, n_test=20)
+    argv = cifar_args(tmp_path, folder, "cifar100", "--net", "resnet18", "--width", "4",
+                      "--epochs", "1", "--optimizer", "muon")
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import train_cifar; train_cifar.main({argv!r})"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = (tmp_path / "out" / "cifar100-resnet18-muon-lr0.002-s0" / "log.jsonl").read_text()
+    assert math.isfinite(json.loads(log)["train_loss"])
 
 
 def test_cifar_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):

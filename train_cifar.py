@@ -250,13 +250,13 @@ def lr_factor(step, total, warmup):
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, batch_size, autocast):
+def evaluate(model, images, labels, batch_size, autocast, layout=torch.contiguous_format):
     """Top-1 and top-5 accuracy on the (already normalized, on-device) test set."""
     model.eval()
     top1 = top5 = 0
     for i in range(0, len(images), batch_size):
         with autocast:
-            logits = model(images[i:i + batch_size])
+            logits = model(images[i:i + batch_size].contiguous(memory_format=layout))
         top = logits.topk(min(5, logits.size(1)), dim=1).indices
         y = labels[i:i + batch_size, None]
         top1 += (top[:, :1] == y).sum()
@@ -279,9 +279,12 @@ def train(args, data, optimizer_name, lr, seed, run_dir, resume_from=None):
     classes = DATASETS[args.dataset]["classes"]
 
     torch.manual_seed(seed)  # same seed: same initial weights for every optimizer
-    model = NETS[args.net](classes, args.width).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+    # One memory layout for the model and every batch. channels_last is faster on CUDA
+    # tensor cores, and on a CPU for the small net (850 vs 700 images/s here). On a CPU,
+    # ResNet-18 keeps the plain layout: oneDNN's channels_last backward of its strided 1x1
+    # shortcut conv crashes (segfault) on an odd-sized batch with 2+ threads (torch 2.13).
+    layout = torch.channels_last if device.type == "cuda" or args.net == "small" else torch.contiguous_format
+    model = NETS[args.net](classes, args.width).to(device, memory_format=layout)
     opt = reg.build_optimizer(optimizer_name, model, lr=lr, weight_decay=args.weight_decay)
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]
@@ -319,9 +322,7 @@ def train(args, data, optimizer_name, lr, seed, run_dir, resume_from=None):
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor(step, total_steps, warmup)
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-            x, y = images[idx], train_y[idx]
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, y = images[idx].contiguous(memory_format=layout), train_y[idx]
             with autocast:
                 logits = net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
@@ -337,7 +338,7 @@ def train(args, data, optimizer_name, lr, seed, run_dir, resume_from=None):
                                 "(lower --lr)")
         epoch_time = time.perf_counter() - t0
         elapsed += epoch_time
-        top1, top5 = evaluate(net, test_x, test_y, 1000, autocast)
+        top1, top5 = evaluate(net, test_x, test_y, 1000, autocast, layout)
         entry = dict(epoch=epoch + 1, train_loss=train_loss, train_acc=correct.item() / len(images),
                      test_top1=top1, test_top5=top5, lr=opt.param_groups[0]["lr"],
                      epoch_time=round(epoch_time, 2), time=round(elapsed, 2),
