@@ -272,6 +272,13 @@ def use_compiled_math():
     update_scale = torch.compile(update_scale)
 
 
+def stat_dtype(p):
+    """The dtype of a parameter's optimizer state and update arithmetic: float32 at least
+    (float64 stays float64). bfloat16 keeps 8 bits of mantissa: a running average in it
+    stalls, and W*(1 - lr*wd) with lr*wd = 1e-4 rounds back to W."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
 def matrix_shape(p):
     """The (m, n) a parameter is treated as: rows = output units, columns = the rest.
     An nn.Linear weight (out, in) stays itself; a conv kernel (out, in, kh, kw) becomes
@@ -338,11 +345,14 @@ def param_groups(model, head="auto", adamw_names=(), matrix_names=()):
 # 3. The optimizers: one skeleton, four directions
 # -----------------------------------------------------------------------------
 
-def _check_range(name, value, low, high=math.inf, high_open=False):
-    ok = low <= value < high if high_open else low <= value <= high
+def _check_range(name, value, where, low, high=math.inf, high_open=False):
+    """A finite real number in [low, high] (or [low, high)); NaN and inf never pass."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low <= value < high if high_open else low <= value <= high)
     if not ok:
         bracket = ")" if high_open else "]"
-        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}{bracket}, "
+                         f"got {value!r} {where}")
 
 
 class MatrixOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
@@ -381,19 +391,25 @@ class MatrixOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
+        """torch.optim's, with the group checked *before* it is added: a rejected group
+        leaves the optimizer exactly as it was."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if torch.is_tensor(params) else list(params)
+        self._check_group({**self.defaults, **group}, len(self.param_groups))
+        super().add_param_group(group)
 
     def _check_group(self, group, index):
         """Reject bad hyperparameters when the group is made, not deep inside step()."""
         where = f"(param group {index})"
         for key in ("lr", "weight_decay"):
-            if not isinstance(group[key], (int, float)) or group[key] < 0:
-                raise ValueError(f"{key} must be a number >= 0, got {group[key]!r} {where}")
-        _check_range(f"momentum {where}", group["momentum"], 0.0, 1.0, high_open=True)
-        _check_range(f"eps {where}", group["eps"], 0.0)
+            _check_range(key, group[key], where, 0.0)
+        _check_range("momentum", group["momentum"], where, 0.0, 1.0, high_open=True)
+        _check_range("eps", group["eps"], where, 0.0)
         for i, beta in enumerate(group["betas"]):
-            _check_range(f"betas[{i}] {where}", beta, 0.0, 1.0, high_open=True)
+            _check_range(f"betas[{i}]", beta, where, 0.0, 1.0, high_open=True)
         if group["scale"] not in ("rms", "spectral"):
             raise ValueError(f"scale must be 'rms' or 'spectral', got {group['scale']!r} {where}")
         if group["use_adamw"]:
@@ -441,12 +457,14 @@ class MatrixOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
 
     def _matrix_step(self, group, params):
         lr, mu = group["lr"], group["momentum"]
-        grads = [p.grad for p in params]
+        # Statistics live in float32 at least, whatever the parameter dtype: a bfloat16
+        # running average stalls (its 8-bit mantissa drops most increments).
+        grads = [p.grad.to(stat_dtype(p)) for p in params]
         bufs = []
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=stat_dtype(p))
             bufs.append(state["momentum_buffer"])
         torch._foreach_lerp_(bufs, grads, 1 - mu)  # B <- mu*B + (1-mu)*G
         # Matrices of one shape (a transformer has 4 shapes, each once per block) are
@@ -455,9 +473,7 @@ class MatrixOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
         for i, p in enumerate(params):
             batches[(matrix_shape(p), p.dtype, p.device)].append(i)
         for ((m, n), dtype, device), idx in batches.items():
-            # Low-precision parameters are balanced in float32 (norms in bfloat16 are coarse).
-            U = torch.empty(len(idx), m, n, device=device,
-                            dtype=torch.promote_types(dtype, torch.float32))
+            U = torch.empty(len(idx), m, n, device=device, dtype=bufs[idx[0]].dtype)
             for j, i in enumerate(idx):
                 if group["nesterov"]:  # U = (1-mu)*G + mu*B, written straight into the batch
                     torch.lerp(grads[i], bufs[i], mu, out=U[j].view_as(grads[i]))
@@ -466,26 +482,34 @@ class MatrixOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
             D = self.direction(U, [self.state[params[i]] for i in idx], group)
             D.mul_(update_scale(D, group["scale"], self.measure_rms))  # D is ours: U is a fresh stack
             for j, i in enumerate(idx):
-                p = params[i]
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(D[j].view_as(p).to(p.dtype), alpha=-lr)
+                p, decay = params[i], 1 - lr * group["weight_decay"]
+                if p.dtype == D.dtype:
+                    p.mul_(decay).add_(D[j].view_as(p), alpha=-lr)
+                else:  # decay and step in float32, rounded once: alone, W*(1 - 1e-4) == W in bfloat16
+                    p.copy_(p.to(D.dtype).mul_(decay).add_(D[j].view_as(p), alpha=-lr))
 
     def _adamw_step(self, group, params):
         """AdamW (Loshchilov & Hutter) for the parameters that are not hidden matrices: torch's
-        own fused kernel, so this part is exactly what the "adamw" baseline does to them."""
+        own fused kernel, so this part is exactly what the "adamw" baseline does to them.
+        A low-precision parameter is stepped through a float32 copy (state in float32,
+        decay and step rounded once), since the fused kernel wants one dtype throughout."""
         beta1, beta2 = group["betas"]
         for p in params:
             state = self.state[p]
             if "step" not in state:  # the layout torch.optim.AdamW(fused=True) keeps
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
+                state["exp_avg"] = torch.zeros_like(p, dtype=stat_dtype(p))
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=stat_dtype(p))
         states = [self.state[p] for p in params]
+        work = [p if p.dtype == stat_dtype(p) else p.detach().to(stat_dtype(p)) for p in params]
         adamw_update(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states],
+            work, [p.grad.to(w.dtype) for p, w in zip(params, work)], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
             fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        for p, w in zip(params, work):
+            if w is not p:
+                p.copy_(w)
 
 
 class Muon(MatrixOptimizer):
@@ -539,12 +563,12 @@ class NorMuon(Muon):
 
     def check_options(self, group, where):
         super().check_options(group, where)
-        _check_range(f"beta2 {where}", group["beta2"], 0.0, 1.0, high_open=True)
+        _check_range("beta2", group["beta2"], where, 0.0, 1.0, high_open=True)
 
     def direction(self, U, states, group):
         O = self.orthogonalize(U, group)
         for s in states:
-            if "row_mean_square" not in s:  # in the parameter's dtype, as torch.optim keeps state
+            if "row_mean_square" not in s:  # in the momentum's dtype: float32 at least
                 s["row_mean_square"] = torch.zeros(
                     U.shape[-2], 1, dtype=s["momentum_buffer"].dtype, device=U.device)
         v = torch.stack([s["row_mean_square"] for s in states]).to(O.dtype)

@@ -585,6 +585,38 @@ def test_conv_kernels_and_bfloat16_parameters_work(name):
             assert torch.isfinite(p).all()
 
 
+@pytest.mark.parametrize("name", MATRIX_NAMES)
+def test_bfloat16_parameters_keep_float32_statistics_and_round_once(name):
+    # A bfloat16 weight gets exactly the float32 step of the same (bfloat16-valued)
+    # gradients, rounded once: W*(1 - lr*wd) - lr*D computed in float32. Rounding after the
+    # decay and again after the step would lose the decay (W*(1 - 1e-4) == W in bfloat16).
+    g = seeded(13)
+    W = (0.02 * torch.randn(48, 32, generator=g)).to(torch.bfloat16)
+    bias = torch.randn(32, generator=g).to(torch.bfloat16)
+    grads = [(torch.randn(48, 32, generator=g), torch.randn(32, generator=g)) for _ in range(3)]
+    runs = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        w, b = nn.Parameter(W.clone().to(dtype)), nn.Parameter(bias.clone().to(dtype))
+        opt = reg.build_optimizer(name, [dict(params=[w]), dict(params=[b], use_adamw=True)],
+                                  lr=1e-2, weight_decay=1.0)
+        w.grad, b.grad = (G.to(torch.bfloat16).to(dtype) for G in grads[0])
+        opt.step()
+        runs[dtype] = (w.detach().clone(), b.detach().clone(), opt)
+        for G, gb in grads[1:]:  # more steps, for the running averages
+            w.grad, b.grad = G.to(torch.bfloat16).to(dtype), gb.to(torch.bfloat16).to(dtype)
+            opt.step()
+    (w16, b16, opt16), (w32, b32, opt32) = runs[torch.bfloat16], runs[torch.float32]
+    assert torch.equal(w16, w32.to(torch.bfloat16)) and torch.equal(b16, b32.to(torch.bfloat16))
+    for p16, p32 in zip(opt16.state, opt32.state):
+        for key, value in opt16.state[p16].items():
+            if key != "step":
+                assert value.dtype == torch.float32, (key, value.dtype)
+        if name == "normuon" and "row_mean_square" in opt16.state[p16]:
+            # The per-row second moment depends on the gradients alone: it must match the
+            # float32 run exactly, not stall in bfloat16.
+            assert torch.equal(opt16.state[p16]["row_mean_square"], opt32.state[p32]["row_mean_square"])
+
+
 # -----------------------------------------------------------------------------
 # Bad input: a clear error that names the problem
 # -----------------------------------------------------------------------------
@@ -592,7 +624,8 @@ def test_conv_kernels_and_bfloat16_parameters_work(name):
 @pytest.mark.parametrize("name", MATRIX_NAMES)
 def test_bad_hyperparameters_are_named(name):
     model = mlp()
-    cases = [(dict(lr=-1e-3), "lr must be"), (dict(momentum=1.0), "momentum"),
+    cases = [(dict(lr=-1e-3), "lr must be"), (dict(lr=float("nan")), "lr must be a finite"),
+             (dict(lr=float("inf")), "lr must be a finite"), (dict(momentum=1.0), "momentum"),
              (dict(momentum=-0.1), "momentum"), (dict(weight_decay=-1), "weight_decay must be"),
              (dict(scale="adam"), "scale must be"), (dict(betas=(0.9, 1.5)), r"betas\[1\]"),
              (dict(nesterove=False), "unexpected option")]
@@ -629,6 +662,27 @@ def test_bad_method_options_and_names():
         reg.Muon(model.parameters())
     with pytest.raises(TypeError, match="abstract"):
         reg.MatrixOptimizer(reg.param_groups(model))
+
+
+@pytest.mark.parametrize("name", MATRIX_NAMES)
+def test_a_rejected_param_group_leaves_the_optimizer_as_it_was(name):
+    model = mlp()
+    opt = reg.build_optimizer(name, [dict(params=[model[0].weight])])
+    bias = model[0].bias
+    before = bias.detach().clone()
+    with pytest.raises(ValueError, match=r"shape \(64,\) is in a matrix group"):
+        opt.add_param_group(dict(params=[bias]))
+    for bad in (dict(lr=float("nan")), dict(lr=float("inf")), dict(weight_decay=float("nan")),
+                dict(momentum=float("nan")), dict(betas=(float("nan"), 0.95))):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            opt.add_param_group(dict(params=[model[2].weight], **bad))
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [model[0].weight]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()  # the bias was never added: untouched, and no (64, 1) "matrix" step on it
+    assert torch.equal(bias.detach(), before)
+    opt.add_param_group(dict(params=[bias], use_adamw=True))  # the right way still works
+    assert len(opt.param_groups) == 2
 
 
 @pytest.mark.parametrize("name", MATRIX_NAMES)
