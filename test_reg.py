@@ -3,13 +3,16 @@ train_gpt.py and train_cifar.py (data preparation, training, resume, clear error
 
     python -m pytest -q test_reg.py
 
-Each test checks one property that SPEC.md section 5 (or the optimizer contract of
-torch.optim) asks for, and fails when that property breaks. Everything runs on the CPU
-with small fixtures made here, in well under a minute.
+The tests follow reg.py's order (the math, routing, the optimizers), then the two training
+scripts and the results tool. Each checks one property (a formula, a caveat the docs
+state, the optimizer contract of torch.optim, a promise of the scripts) and fails when that
+property breaks. Everything runs on the CPU with small fixtures made here; the CUDA tests
+run only where a GPU is present.
 """
 
 import gzip
 import hashlib
+import contextlib
 import io
 import json
 import math
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import urllib.error
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,7 @@ from torch import nn
 import reg
 import train_cifar
 import train_gpt
+from results import summarize
 
 NAMES = list(reg.OPTIMIZERS)
 MATRIX_NAMES = [n for n in NAMES if n != "adamw"]
@@ -52,178 +57,7 @@ def spread(values):
 
 
 # -----------------------------------------------------------------------------
-# An independent, straight-line re-derivation of every update rule (SPEC.md 1-3),
-# written without any of reg.py's functions, for one 2-D matrix at a time.
-# -----------------------------------------------------------------------------
-
-def ref_newton_schulz(G, steps=5):
-    X = G.T if G.shape[0] > G.shape[1] else G
-    X = X / max(torch.linalg.matrix_norm(X).item(), 1e-7)
-    for _ in range(steps):
-        A = X @ X.T
-        X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
-    return X.T if G.shape[0] > G.shape[1] else X
-
-
-def ref_direction(name, U, v):
-    """Returns (D, new_v, rms_is_measured)."""
-    if name == "muon":
-        return ref_newton_schulz(U), v, False
-    if name.startswith("muoneq"):
-        mode = name.split("-")[1].upper()
-        r, c = (U * U).sum(1), (U * U).sum(0)  # the guard is relative: 1e-8 of the mean
-        row = torch.diag(1 / torch.sqrt(r + 1e-8 * r.mean()))
-        col = torch.diag(1 / torch.sqrt(c + 1e-8 * c.mean()))
-        E = {"R": row @ U, "C": U @ col, "RC": row @ U @ col}[mode]
-        return ref_newton_schulz(E), v, False
-    if name == "normuon":
-        O = ref_newton_schulz(U)
-        v = 0.95 * v + 0.05 * (O * O).mean(1, keepdim=True)
-        return O / (torch.sqrt(v) + 1e-8), v, True
-    if name == "reg":
-        r = torch.sqrt((U * U).sum(1))
-        c = torch.sqrt((U * U).sum(0))
-        return torch.diag(r ** -0.5) @ U @ torch.diag(c ** -0.5), v, True
-    raise AssertionError(name)
-
-
-def ref_run(name, W, grads, lr, wd, scale, mu=0.95):
-    m, n = W.shape
-    B = torch.zeros_like(W)
-    v = torch.zeros(m, 1, dtype=W.dtype)
-    for G in grads:
-        B = mu * B + (1 - mu) * G
-        U = (1 - mu) * G + mu * B
-        D, v, measured = ref_direction(name, U, v)
-        if measured:  # bring D to the Frobenius norm of a semi-orthogonal m x n matrix
-            D = D * math.sqrt(min(m, n)) / torch.linalg.matrix_norm(D)
-        factor = 0.2 * math.sqrt(max(m, n)) if scale == "rms" else math.sqrt(max(1, m / n))
-        W = W * (1 - lr * wd) - lr * factor * D
-    return W
-
-
-@pytest.mark.parametrize("scale", ["rms", "spectral"])
-@pytest.mark.parametrize("name", MATRIX_NAMES)
-def test_update_rule_matches_straight_line_derivation_in_float64(name, scale):
-    g = seeded(1)
-    for shape in [(24, 40), (40, 24)]:  # wide and tall (the transposed NS path)
-        W0 = torch.randn(*shape, generator=g, dtype=torch.float64)
-        grads = [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(6)]
-        p = nn.Parameter(W0.clone())
-        opt = reg.build_optimizer(name, [dict(params=[p])], lr=0.03, weight_decay=0.1,
-                                  scale=scale, **({} if name == "reg" else {"ns_dtype": torch.float64}))
-        for G in grads:
-            p.grad = G.clone()
-            opt.step()
-        expected = ref_run(name, W0, grads, lr=0.03, wd=0.1, scale=scale)
-        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-12)
-
-
-def run_matrices(name, grad_scale, steps=4):
-    """Parameters after `steps` steps of a fresh optimizer on fixed gradients times grad_scale:
-    a wide and a tall matrix and a conv kernel, in float32 as in training."""
-    g = seeded(12)
-    shapes = [(32, 48), (48, 32), (8, 3, 3, 3)]
-    params = [nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
-    grads = [[10 * torch.randn(*s, generator=g) for s in shapes] for _ in range(steps)]
-    opt = reg.build_optimizer(name, [dict(params=params)], lr=0.02, weight_decay=0.1)
-    for step_grads in grads:
-        for p, G in zip(params, step_grads):
-            p.grad = grad_scale * G
-        opt.step()
-    return [p.detach() for p in params]
-
-
-@pytest.mark.parametrize("name", MATRIX_NAMES)
-def test_every_matrix_rule_is_invariant_to_the_gradient_scale(name):
-    # All gradients times c, fresh optimizer: the same steps, to float32 round-off. The
-    # limit is Newton-Schulz's absolute floor (||U||_F >= 1e-7, as in torch.optim.Muon): the
-    # gradients here keep ||U||_F above it even at c = 1e-8. An absolute eps anywhere else
-    # (MuonEq's on the row sums, say) breaks this at c = 1e-6 already.
-    reference = run_matrices(name, 1.0)
-    for c in (1e-8, 1e-6, 1e-3, 1e4):
-        for a, b in zip(run_matrices(name, c), reference):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"c={c}: {m}")
-
-
-def test_adamw_part_equals_torch_adamw():
-    # The embeddings, head and vectors are stepped by the AdamW inside each optimizer:
-    # it must be torch.optim.AdamW (decoupled decay, bias correction), group by group.
-    g = seeded(11)
-    shapes = [(10, 6), (6,), (3, 2, 2)]
-    W0 = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
-    grads = [[torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(5)]
-    ours = [nn.Parameter(w.clone()) for w in W0]
-    theirs = [nn.Parameter(w.clone()) for w in W0]
-    opt_ours = reg.REG([dict(params=ours[:2], use_adamw=True),
-                        dict(params=ours[2:], use_adamw=True, weight_decay=0.0, lr=3e-3)],
-                       lr=1e-2, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-6)
-    opt_theirs = torch.optim.AdamW([dict(params=theirs[:2]),
-                                    dict(params=theirs[2:], weight_decay=0.0, lr=3e-3)],
-                                   lr=1e-2, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-6)
-    for step_grads in grads:
-        for a, b, G in zip(ours, theirs, step_grads):
-            a.grad, b.grad = G.clone(), G.clone()
-        opt_ours.step()
-        opt_theirs.step()
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
-
-
-# -----------------------------------------------------------------------------
-# Parity with torch.optim.Muon
-# -----------------------------------------------------------------------------
-
-MUON_SCALES = [("spectral", "original"), ("rms", "match_rms_adamw")]
-
-
-def run_both(ours_kw, theirs_kw, steps=10, shapes=((64, 32), (32, 96), (48, 48))):
-    g = seeded(2)
-    W0 = [torch.randn(*s, generator=g) for s in shapes]
-    grads = [[torch.randn(*s, generator=g) for s in shapes] for _ in range(steps)]
-    ours = [nn.Parameter(w.clone()) for w in W0]
-    theirs = [nn.Parameter(w.clone()) for w in W0]
-    opt_ours = reg.Muon([dict(params=ours)], lr=0.02, **ours_kw)
-    opt_theirs = torch.optim.Muon(theirs, lr=0.02, **theirs_kw)
-    for step_grads in grads:
-        for a, b, G in zip(ours, theirs, step_grads):
-            a.grad, b.grad = G.clone(), G.clone()
-        opt_ours.step()
-        opt_theirs.step()
-    return W0, ours, theirs
-
-
-@pytest.mark.parametrize("scale,adjust_lr_fn", MUON_SCALES)
-def test_muon_follows_torch_muon_within_bfloat16_noise(scale, adjust_lr_fn):
-    # Both run Newton-Schulz in bfloat16 (8 bits of mantissa) but order their matmuls
-    # differently (we: a X + (b A + c A A) X; torch: addmm chains), so each step differs by
-    # bfloat16 round-off. Over 10 steps that is ~1.3% of the total displacement here; 3%
-    # leaves room for other seeds while a wrong scale, sign or momentum form is >> 3%.
-    W0, ours, theirs = run_both(dict(scale=scale, ns_dtype=torch.bfloat16),
-                                dict(adjust_lr_fn=adjust_lr_fn))
-    for w, a, b in zip(W0, ours, theirs):
-        rel = ((a - b).norm() / (b - w).norm()).item()
-        assert rel < 0.03, f"{tuple(w.shape)}: {rel:.4f} of the displacement"
-
-
-@pytest.mark.parametrize("scale,adjust_lr_fn", MUON_SCALES)
-def test_muon_equals_torch_muon_when_both_orthogonalize_in_float32(scale, adjust_lr_fn, monkeypatch):
-    # torch.optim.Muon hard-codes bfloat16 in its Newton-Schulz. Re-running its optimizer
-    # loop with the same iteration in float32 isolates everything else (momentum, Nesterov,
-    # weight decay, lr adjustment), which must then agree to float32 round-off.
-    import torch.optim._muon as torch_muon
-    if not hasattr(torch_muon, "_zeropower_via_newtonschulz"):
-        pytest.skip("this torch version has no torch.optim._muon._zeropower_via_newtonschulz")
-    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz",
-                        lambda grad, coefficients, steps, eps: ref_newton_schulz(grad.float(), steps))
-    W0, ours, theirs = run_both(dict(scale=scale, ns_dtype=torch.float32),
-                                dict(adjust_lr_fn=adjust_lr_fn))
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-# -----------------------------------------------------------------------------
-# The building blocks (SPEC.md section 5)
+# 1. The math: each function against its definition and its stated caveats
 # -----------------------------------------------------------------------------
 
 def mapped_singular_values(G, U, V):
@@ -391,10 +225,10 @@ def test_update_scale_formulas_and_zero_direction():
     assert reg.update_scale(D, "rms") == pytest.approx(0.2 * math.sqrt(24))
     assert reg.update_scale(D.mT, "spectral") == pytest.approx(math.sqrt(4))
     assert reg.update_scale(D, "spectral") == 1.0
-    measured = D * reg.update_scale(D, "rms", measure_rms=True)
+    measured = D * reg.update_scale(D, "rms", exact_rms=True)
     torch.testing.assert_close(measured.square().mean(dim=(-2, -1)).sqrt(), torch.full((2,), 0.2))
     zero = torch.zeros(6, 24)
-    assert torch.equal(zero * reg.update_scale(zero, "rms", measure_rms=True), zero)
+    assert torch.equal(zero * reg.update_scale(zero, "rms", exact_rms=True), zero)
     with pytest.raises(ValueError, match="scale must be"):
         reg.update_scale(D, "adam")
 
@@ -416,7 +250,7 @@ def test_matrix_stats_reads_condition_number_stable_rank_and_row_spread():
 
 
 # -----------------------------------------------------------------------------
-# Routing parameters
+# 2. Routing: which parameters get the matrix rule
 # -----------------------------------------------------------------------------
 
 class TinyGPT(nn.Module):
@@ -478,6 +312,215 @@ def test_param_groups_overrides():
     assert id(cnn.fc.weight) in ids["matrix"]
     with pytest.raises(TypeError, match="nn.Module"):
         reg.param_groups([nn.Parameter(torch.ones(2, 2))])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_build_optimizer_takes_a_module_param_groups_or_plain_tensors(name):
+    model = TinyGPT()
+    by_module = reg.build_optimizer(name, model)
+    assert group_ids(by_module.param_groups) == group_ids(reg.param_groups(model))
+    groups = reg.param_groups(model)
+    reg.build_optimizer(name, groups)
+    assert "lr" not in groups[0]  # copied: torch.optim writes its defaults into the dicts it gets
+    # model.parameters(), as torch users pass it: routed by shape alone, and said so (the
+    # tied embedding cannot be told from a hidden matrix without the module).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = reg.build_optimizer(name, model.parameters())
+    said = [str(w.message) for w in caught if "routed by shape alone" in str(w.message)]
+    assert len(said) == (0 if name == "adamw" else 1), said
+    ids = {g.get("name"): {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert ids["adamw_no_decay"] == {id(p) for p in model.parameters() if p.ndim < 2}
+    assert ids["matrix"] == {id(p) for p in model.parameters() if p.ndim >= 2}
+    nn.functional.cross_entropy(model(torch.tensor([[1, 2, 3]])).view(-1, 32), torch.tensor([2, 3, 4])).backward()
+    opt.step()
+    for junk, kind in (([1, 2], "int"), (model.named_parameters(), "tuple"), ([], "nothing")):
+        with pytest.raises(TypeError, match=f"got {kind}: pass the model itself"):
+            reg.build_optimizer(name, junk)
+
+
+def test_a_model_without_hidden_matrices_warns_and_says_where_its_weights_went():
+    head_only = nn.Sequential(nn.Linear(20, 10))  # its one 2-D weight is taken as the head
+    with pytest.warns(UserWarning, match=r"(?s)Muon received no hidden matrices.*0\.weight \(10, 20\).*head=None"):
+        reg.build_optimizer("muon", head_only)
+    opt = reg.build_optimizer("muon", reg.param_groups(head_only, head=None))  # the fix it names
+    assert [g["name"] for g in opt.param_groups] == ["matrix", "adamw_no_decay"]
+    text = reg.describe_groups(reg.param_groups(TinyGPT()), max_names=2)
+    assert text.splitlines()[0] == ("matrix (matrix rule): 4 tensors, 2,048 numbers: "
+                                    "blocks.0.1.weight (32, 16), blocks.0.3.weight (16, 32), ...")
+    assert "adamw (AdamW): 1 tensors, 512 numbers: wte.weight (32, 16)" in text
+
+
+# -----------------------------------------------------------------------------
+# 3. The optimizers. First an independent, straight-line re-derivation of every
+# update rule, written without any of reg.py's functions, one 2-D matrix at a time.
+# -----------------------------------------------------------------------------
+
+def ref_newton_schulz(G, steps=5):
+    X = G.T if G.shape[0] > G.shape[1] else G
+    X = X / max(torch.linalg.matrix_norm(X).item(), 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
+    return X.T if G.shape[0] > G.shape[1] else X
+
+
+def ref_direction(name, U, v):
+    """Returns (D, new_v, rms_is_measured)."""
+    if name == "muon":
+        return ref_newton_schulz(U), v, False
+    if name.startswith("muoneq"):
+        mode = name.split("-")[1].upper()
+        r, c = (U * U).sum(1), (U * U).sum(0)  # the guard is relative: 1e-8 of the mean
+        row = torch.diag(1 / torch.sqrt(r + 1e-8 * r.mean()))
+        col = torch.diag(1 / torch.sqrt(c + 1e-8 * c.mean()))
+        E = {"R": row @ U, "C": U @ col, "RC": row @ U @ col}[mode]
+        return ref_newton_schulz(E), v, False
+    if name == "normuon":
+        O = ref_newton_schulz(U)
+        v = 0.95 * v + 0.05 * (O * O).mean(1, keepdim=True)
+        return O / (torch.sqrt(v) + 1e-8), v, True
+    if name == "reg":
+        r = torch.sqrt((U * U).sum(1))
+        c = torch.sqrt((U * U).sum(0))
+        return torch.diag(r ** -0.5) @ U @ torch.diag(c ** -0.5), v, True
+    raise AssertionError(name)
+
+
+def ref_run(name, W, grads, lr, wd, scale, mu=0.95):
+    m, n = W.shape
+    B = torch.zeros_like(W)
+    v = torch.zeros(m, 1, dtype=W.dtype)
+    for G in grads:
+        B = mu * B + (1 - mu) * G
+        U = (1 - mu) * G + mu * B
+        D, v, measured = ref_direction(name, U, v)
+        if measured:  # bring D to the Frobenius norm of a semi-orthogonal m x n matrix
+            D = D * math.sqrt(min(m, n)) / torch.linalg.matrix_norm(D)
+        factor = 0.2 * math.sqrt(max(m, n)) if scale == "rms" else math.sqrt(max(1, m / n))
+        W = W * (1 - lr * wd) - lr * factor * D
+    return W
+
+
+@pytest.mark.parametrize("scale", ["rms", "spectral"])
+@pytest.mark.parametrize("name", MATRIX_NAMES)
+def test_update_rule_matches_straight_line_derivation_in_float64(name, scale):
+    g = seeded(1)
+    for shape in [(24, 40), (40, 24)]:  # wide and tall (the transposed NS path)
+        W0 = torch.randn(*shape, generator=g, dtype=torch.float64)
+        grads = [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(6)]
+        p = nn.Parameter(W0.clone())
+        opt = reg.build_optimizer(name, [dict(params=[p])], lr=0.03, weight_decay=0.1,
+                                  scale=scale, **({} if name == "reg" else {"ns_dtype": torch.float64}))
+        for G in grads:
+            p.grad = G.clone()
+            opt.step()
+        expected = ref_run(name, W0, grads, lr=0.03, wd=0.1, scale=scale)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-12)
+
+
+def run_matrices(name, grad_scale, steps=4):
+    """Parameters after `steps` steps of a fresh optimizer on fixed gradients times grad_scale:
+    a wide and a tall matrix and a conv kernel, in float32 as in training."""
+    g = seeded(12)
+    shapes = [(32, 48), (48, 32), (8, 3, 3, 3)]
+    params = [nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    grads = [[10 * torch.randn(*s, generator=g) for s in shapes] for _ in range(steps)]
+    opt = reg.build_optimizer(name, [dict(params=params)], lr=0.02, weight_decay=0.1)
+    for step_grads in grads:
+        for p, G in zip(params, step_grads):
+            p.grad = grad_scale * G
+        opt.step()
+    return [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("name", MATRIX_NAMES)
+def test_every_matrix_rule_is_invariant_to_the_gradient_scale(name):
+    # All gradients times c, fresh optimizer: the same steps, to float32 round-off. The
+    # limit is Newton-Schulz's absolute floor (||U||_F >= 1e-7, as in torch.optim.Muon): the
+    # gradients here keep ||U||_F above it even at c = 1e-8. An absolute eps anywhere else
+    # (MuonEq's on the row sums, say) breaks this at c = 1e-6 already.
+    reference = run_matrices(name, 1.0)
+    for c in (1e-8, 1e-6, 1e-3, 1e4):
+        for a, b in zip(run_matrices(name, c), reference):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"c={c}: {m}")
+
+
+def test_adamw_part_equals_torch_adamw():
+    # The embeddings, head and vectors are stepped by the AdamW inside each optimizer:
+    # it must be torch.optim.AdamW (decoupled decay, bias correction), group by group.
+    g = seeded(11)
+    shapes = [(10, 6), (6,), (3, 2, 2)]
+    W0 = [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes] for _ in range(5)]
+    ours = [nn.Parameter(w.clone()) for w in W0]
+    theirs = [nn.Parameter(w.clone()) for w in W0]
+    with pytest.warns(UserWarning, match="no hidden matrices"):  # as intended here
+        opt_ours = reg.REG([dict(params=ours[:2], use_adamw=True),
+                            dict(params=ours[2:], use_adamw=True, weight_decay=0.0, lr=3e-3)],
+                           lr=1e-2, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-6)
+    opt_theirs = torch.optim.AdamW([dict(params=theirs[:2]),
+                                    dict(params=theirs[2:], weight_decay=0.0, lr=3e-3)],
+                                   lr=1e-2, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-6)
+    for step_grads in grads:
+        for a, b, G in zip(ours, theirs, step_grads):
+            a.grad, b.grad = G.clone(), G.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+# -----------------------------------------------------------------------------
+# Parity with torch.optim.Muon
+# -----------------------------------------------------------------------------
+
+MUON_SCALES = [("spectral", "original"), ("rms", "match_rms_adamw")]
+
+
+def run_both(ours_kw, theirs_kw, steps=10, shapes=((64, 32), (32, 96), (48, 48))):
+    g = seeded(2)
+    W0 = [torch.randn(*s, generator=g) for s in shapes]
+    grads = [[torch.randn(*s, generator=g) for s in shapes] for _ in range(steps)]
+    ours = [nn.Parameter(w.clone()) for w in W0]
+    theirs = [nn.Parameter(w.clone()) for w in W0]
+    opt_ours = reg.Muon([dict(params=ours)], lr=0.02, **ours_kw)
+    opt_theirs = torch.optim.Muon(theirs, lr=0.02, **theirs_kw)
+    for step_grads in grads:
+        for a, b, G in zip(ours, theirs, step_grads):
+            a.grad, b.grad = G.clone(), G.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    return W0, ours, theirs
+
+
+@pytest.mark.parametrize("scale,adjust_lr_fn", MUON_SCALES)
+def test_muon_follows_torch_muon_within_bfloat16_noise(scale, adjust_lr_fn):
+    # Both run Newton-Schulz in bfloat16 (8 bits of mantissa) but order their matmuls
+    # differently (we: a X + (b A + c A A) X; torch: addmm chains), so each step differs by
+    # bfloat16 round-off. Over 10 steps that is ~1.3% of the total displacement here; 3%
+    # leaves room for other seeds while a wrong scale, sign or momentum form is >> 3%.
+    W0, ours, theirs = run_both(dict(scale=scale, ns_dtype=torch.bfloat16),
+                                dict(adjust_lr_fn=adjust_lr_fn))
+    for w, a, b in zip(W0, ours, theirs):
+        rel = ((a - b).norm() / (b - w).norm()).item()
+        assert rel < 0.03, f"{tuple(w.shape)}: {rel:.4f} of the displacement"
+
+
+@pytest.mark.parametrize("scale,adjust_lr_fn", MUON_SCALES)
+def test_muon_equals_torch_muon_when_both_orthogonalize_in_float32(scale, adjust_lr_fn, monkeypatch):
+    # torch.optim.Muon hard-codes bfloat16 in its Newton-Schulz. Re-running its optimizer
+    # loop with the same iteration in float32 isolates everything else (momentum, Nesterov,
+    # weight decay, lr adjustment), which must then agree to float32 round-off.
+    import torch.optim._muon as torch_muon
+    if not hasattr(torch_muon, "_zeropower_via_newtonschulz"):
+        pytest.skip("this torch version has no torch.optim._muon._zeropower_via_newtonschulz")
+    monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz",
+                        lambda grad, coefficients, steps, eps: ref_newton_schulz(grad.float(), steps))
+    W0, ours, theirs = run_both(dict(scale=scale, ns_dtype=torch.float32),
+                                dict(adjust_lr_fn=adjust_lr_fn))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -653,15 +696,15 @@ def test_bad_method_options_and_names():
         reg.optimizer_names("reg,lion")
     with pytest.raises(ValueError, match="unknown optimizer ','"):
         reg.optimizer_names(",")
-    assert reg.parse_grid("reg,muon", "1e-3,3e-3", "0,1") == (["reg", "muon"], [1e-3, 3e-3], [0, 1])
-    with pytest.raises(ValueError, match="--lr and --seed take numbers"):
-        reg.parse_grid("reg", "fast", "0")
     with pytest.raises(ValueError, match="param group 1"):
         reg.Muon([dict(params=[model[0].weight]), dict(params=[model[2].weight], lr=-1)])
     with pytest.raises(ValueError, match=r"shape \(64,\) is in a matrix group.*param_groups"):
-        reg.Muon(model.parameters())
-    with pytest.raises(TypeError, match="abstract"):
-        reg.MatrixOptimizer(reg.param_groups(model))
+        reg.Muon([dict(params=[model[0].bias])])
+    with pytest.raises(NotImplementedError):  # the skeleton alone has no direction
+        bare = reg.MatrixOptimizer(reg.param_groups(model))
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        bare.step()
 
 
 @pytest.mark.parametrize("name", MATRIX_NAMES)
@@ -685,6 +728,7 @@ def test_a_rejected_param_group_leaves_the_optimizer_as_it_was(name):
     assert len(opt.param_groups) == 2
 
 
+@pytest.mark.filterwarnings("ignore:.*no hidden matrices")
 @pytest.mark.parametrize("name", MATRIX_NAMES)
 def test_sparse_and_complex_gradients_are_refused_clearly(name):
     emb = nn.Embedding(10, 4, sparse=True)
@@ -877,7 +921,7 @@ def test_train_gpt_init_from_starts_from_the_checkpoint_weights(tmp_path, bpe):
     pre = tmp_path / "out" / "adamw-lr0.003-s0" / "ckpt.pt"
     # lr 0: the fine-tuning run must end exactly where the checkpoint began.
     train_gpt.main(gpt_args(tmp_path, other, bpe, "--optimizer", "reg", "--max-steps", "2",
-                            "--eval-every", "2", "--lr", "0", "--init-from", str(pre),
+                            "--warmup-steps", "1", "--eval-every", "2", "--lr", "0", "--init-from", str(pre),
                             "--also-eval", str(data), "--out-dir", str(tmp_path / "ft")))
     before = torch.load(pre, weights_only=False)["model"]
     after = torch.load(tmp_path / "ft" / "reg-lr0-s0" / "ckpt.pt", weights_only=False)["model"]
@@ -891,8 +935,8 @@ def test_train_gpt_init_from_starts_from_the_checkpoint_weights(tmp_path, bpe):
     # Forgetting is the rise of that loss from step 0: none at lr 0.
     header, row = (tmp_path / "ft" / "results.csv").read_text().splitlines()
     assert dict(zip(header.split(","), row.split(",")))["forgetting"] == "0.0"
-    train_gpt.main(["--summarize", str(tmp_path / "ft")])
-    assert (tmp_path / "ft" / "sweep.csv").exists()
+    summarize.main([str(tmp_path / "ft")])
+    assert (tmp_path / "ft" / "sweep.csv").exists() and (tmp_path / "ft" / "forgetting.png").exists()
 
 
 def test_train_gpt_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, bpe, monkeypatch, capsys):
@@ -936,15 +980,16 @@ def test_train_gpt_track_logs_inside_the_optimizers_without_changing_the_run(tmp
             assert stats["update"]["stable_rank"] > stats["momentum"]["stable_rank"]
         if name == "reg":   # RACS evens out the rows
             assert stats["update"]["row_spread"] < stats["momentum"]["row_spread"]
-    expect_error(gpt_args(tmp_path, data, bpe, "--track", "blocks.0.nope"),
+    expect_error(gpt_args(tmp_path, data, bpe, "--track", "blocks.0.nope", "--out-dir", str(tmp_path / "bad")),
                  "--track blocks.0.nope: not a weight matrix", "blocks.0.attn.qkv.weight")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_summarize_sweep_picks_the_best_lr_on_the_sweep_seeds_and_flags_an_edge():
     runs = [dict(optimizer="adamw", lr=lr, seed=s, loss=v) for lr, s, v in [
         (1e-3, 0, 3.0), (3e-3, 0, 2.5), (3e-3, 1, 2.9), (3e-3, 2, 2.8), (1e-2, 0, 2.6), (1e-2, 1, 2.0)]]
     runs += [dict(optimizer="reg", lr=lr, seed=0, loss=v) for lr, v in [(1e-3, 3.0), (3e-3, 2.9)]]
-    table = {(r["optimizer"], r["lr"]): r for r in reg.summarize_sweep(runs, "loss")}
+    table = {(r["optimizer"], r["lr"]): r for r in summarize.summarize_sweep(runs, "loss")}
     # Seed 0 is the one every adamw lr ran: 3e-3 wins on it, although 1e-2 has the lower
     # mean once its extra seed is counted.
     assert [lr for (n, lr), r in table.items() if n == "adamw" and r["best"]] == [3e-3]
@@ -953,7 +998,7 @@ def test_summarize_sweep_picks_the_best_lr_on_the_sweep_seeds_and_flags_an_edge(
     assert best["std"] == pytest.approx(np.std([2.5, 2.9, 2.8], ddof=1)) and not best["edge"]
     assert table["adamw", 1e-3]["std"] == 0 and table["adamw", 1e-3]["n"] == 1
     assert table["reg", 3e-3]["best"] and table["reg", 3e-3]["edge"]  # widen the grid
-    higher = {(r["optimizer"], r["lr"]): r for r in reg.summarize_sweep(runs, "loss", lower_is_better=False)}
+    higher = {(r["optimizer"], r["lr"]): r for r in summarize.summarize_sweep(runs, "loss", lower_is_better=False)}
     assert higher["adamw", 1e-3]["best"] and higher["reg", 1e-3]["best"]
 
 
@@ -977,8 +1022,8 @@ def test_train_gpt_sweep_reuses_finished_runs_resumes_stopped_ones_and_summarize
 
     # The same command again (plus a second seed): adamw is reused, reg resumed from step 6.
     trained, original_train = [], train_gpt.train
-    monkeypatch.setattr(train_gpt, "train", lambda args, name, lr, seed, *rest: trained.append(
-        (name, seed, rest[3] is not None)) or original_train(args, name, lr, seed, *rest))
+    monkeypatch.setattr(train_gpt, "train", lambda args, name, lr, seed, data, run_dir, resume: trained.append(
+        (name, seed, resume)) or original_train(args, name, lr, seed, data, run_dir, resume))
     train_gpt.main(gpt_args(tmp_path, data, bpe, *sweep, "--seed", "0,1"))
     assert trained == [("adamw", 1, False), ("reg", 0, True), ("reg", 1, False)]
     for run in ("adamw-lr0.01-s0", "reg-lr0.01-s0"):
@@ -986,8 +1031,6 @@ def test_train_gpt_sweep_reuses_finished_runs_resumes_stopped_ones_and_summarize
         assert read_run_log(tmp_path, run) == [dict(e, time=a["time"]) for e, a in
                                                zip(straight, read_run_log(tmp_path, run))], run
     assert len((tmp_path / "out" / "results.csv").read_text().splitlines()) == 1 + 4
-
-    train_gpt.main(["--summarize", str(tmp_path / "out")])
     rows = (tmp_path / "out" / "sweep.csv").read_text().splitlines()
     assert rows[0] == "optimizer,lr,n,mean,std,best,edge" and len(rows) == 3
     assert all(",0.01,2," in row and row.endswith(",True,False") for row in rows[1:])
@@ -995,7 +1038,8 @@ def test_train_gpt_sweep_reuses_finished_runs_resumes_stopped_ones_and_summarize
     # A run with other settings is never mixed into a sweep.
     expect_error(gpt_args(tmp_path, data, bpe, *sweep[:-4], "--max-steps", "20", "--eval-every", "6"),
                  "other settings", "max_steps: 12 vs 20", "one sweep")
-    expect_error(["--summarize", str(tmp_path / "nothing")], "no finished runs")
+    (tmp_path / "nothing").mkdir()
+    expect_error([str(tmp_path / "nothing")], "no finished runs", main=summarize.main)
 
 
 def test_train_gpt_byte_tokenizer_keeps_its_own_cache_and_its_checkpoints(tmp_path, bpe):
@@ -1015,13 +1059,21 @@ def test_train_gpt_byte_tokenizer_keeps_its_own_cache_and_its_checkpoints(tmp_pa
                           "--out-dir", str(tmp_path / "ft")), "--tokenizer bytes", "pass the same")
 
 
-def expect_error(argv, *fragments):
-    with pytest.raises(SystemExit) as exit_info:
-        train_gpt.main(argv)
-    message = str(exit_info.value)
+def expect_error(argv, *fragments, main=None):
+    """`main(argv)` must stop with a non-zero exit and one line that starts with "error:"
+    and holds every fragment (progress bars aside), and no traceback."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_info:
+        (main or train_gpt.main)(argv)
+    code = exit_info.value.code
+    output = (code + "\n" if isinstance(code, str) else "") + stderr.getvalue()
+    assert code not in (0, None), output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
     for fragment in fragments:
-        assert fragment in message, message
-    assert "Traceback" not in message
+        assert fragment in errors[0], errors[0]
+    assert "Traceback" not in output
+    return errors[0]
 
 
 def test_train_gpt_bad_input_gives_clear_errors(tmp_path, bpe, monkeypatch, capsys):
@@ -1037,10 +1089,11 @@ def test_train_gpt_bad_input_gives_clear_errors(tmp_path, bpe, monkeypatch, caps
     expect_error(gpt_args(tmp_path, tmp_path / "bad.jsonl", bpe), "line 2", "no `text` field")
     expect_error(gpt_args(tmp_path, good, bpe, "--block-size", "100000"),
                  "too few for --block-size 100000")
-    with pytest.raises(SystemExit):
-        train_gpt.main(gpt_args(tmp_path, good, bpe, "--optimizer", "adamw,lion"))
-    assert "unknown optimizer lion; known: adamw" in capsys.readouterr().err
-    expect_error(gpt_args(tmp_path, good, tmp_path / "nowhere"), "encoder.json is missing")
+    expect_error(gpt_args(tmp_path, good, bpe, "--optimizer", "adamw,lion"), "unknown optimizer lion; known: adamw")
+    (tmp_path / "empty-bpe").mkdir()
+    expect_error(gpt_args(tmp_path, good, tmp_path / "empty-bpe"), "encoder.json is missing")
+    expect_error(["--resume", str(tmp_path / "no-run"), "--device", "cpu"], "no such file or directory")
+    (tmp_path / "no-run").mkdir()
     expect_error(["--resume", str(tmp_path / "no-run"), "--device", "cpu"], "no checkpoint there")
 
 
@@ -1144,7 +1197,7 @@ def test_cifar_download_checks_md5_extracts_and_reads_official_pickles(tmp_path,
     assert xt.shape == (100, 3, 32, 32)
     assert not list(cache.glob("*.part"))
     # A second call reuses the extracted copy: no download.
-    monkeypatch.setattr(train_cifar.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded again"))
+    monkeypatch.setattr(train_gpt.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded again"))
     assert train_cifar.extracted_folder(dataset, cache) == extracted
 
 
@@ -1171,19 +1224,18 @@ def test_cifar_bad_archives_and_folders_give_clear_errors(tmp_path, monkeypatch)
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(train_cifar.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(train_gpt.urllib.request, "urlopen", offline)
     with pytest.raises(train_cifar.ReportedError, match="(?s)could not download.*--data-dir"):
         train_cifar.extracted_folder("cifar100", tmp_path / "c3")
 
-    with pytest.raises(SystemExit, match="no such directory"):
-        train_cifar.main(["--data-dir", str(tmp_path / "nowhere"), "--device", "cpu"])
-    with pytest.raises(SystemExit, match="train is missing"):
-        train_cifar.main(["--data-dir", str(tmp_path), "--device", "cpu"])
+    cifar_error = dict(main=train_cifar.main)
+    expect_error(["--data-dir", str(tmp_path / "nowhere"), "--device", "cpu"], "no such file or directory", **cifar_error)
+    expect_error(["--data-dir", str(tmp_path), "--device", "cpu"], "train is missing", **cifar_error)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "train").write_bytes(b"not a pickle")
     (tmp_path / "junk" / "test").write_bytes(b"not a pickle")
-    with pytest.raises(SystemExit, match="not an official cifar100 pickle"):
-        train_cifar.main(["--data-dir", str(tmp_path / "junk"), "--device", "cpu"])
+    expect_error(["--data-dir", str(tmp_path / "junk"), "--device", "cpu"], "not an official cifar100 pickle",
+                 **cifar_error)
 
 
 def test_cifar_augmentation_crops_and_flips_whole_batches():
@@ -1265,13 +1317,12 @@ def test_cifar_sweep_reuses_finished_runs_and_summarizes_accuracy(tmp_path, monk
     train_cifar.main(cifar_args(tmp_path, folder, "cifar10", *sweep))
     monkeypatch.setattr(train_cifar, "train", lambda *a: pytest.fail("trained a finished run again"))
     train_cifar.main(cifar_args(tmp_path, folder, "cifar10", *sweep))
-    train_cifar.main(["--summarize", str(tmp_path / "out")])
+    summarize.main([str(tmp_path / "out")])
     rows = [dict(zip(*[line.split(",") for line in ((tmp_path / "out" / "sweep.csv").read_text().splitlines()[0], row)]))
             for row in (tmp_path / "out" / "sweep.csv").read_text().splitlines()[1:]]
     assert len(rows) == 4 and sum(r["best"] == "True" for r in rows) == 2
     for name in ("adamw", "muon"):  # higher accuracy is better
         mine = [r for r in rows if r["optimizer"] == name]
         assert max(mine, key=lambda r: float(r["mean"]))["best"] == "True"
-    with pytest.raises(SystemExit) as exit_info:
-        train_cifar.main(cifar_args(tmp_path, folder, "cifar10", *sweep[:-1], "3"))
-    assert "other settings" in str(exit_info.value) and "epochs: 1 vs 3" in str(exit_info.value)
+    expect_error(cifar_args(tmp_path, folder, "cifar10", *sweep[:-1], "3"), "other settings", "epochs: 1 vs 3",
+                 main=train_cifar.main)

@@ -7,7 +7,7 @@ train_cifar.py: CIFAR-100 (or CIFAR-10) classification with any optimizer of reg
     python train_cifar.py --data-dir ../shared/data/cifar100-mini/cifar-100-python --epochs 3
     python train_cifar.py --resume out/cifar/cifar100-small-reg-lr0.003-s0
     python train_cifar.py --optimizer adamw,reg --lr 1e-3,3e-3,1e-2 --seed 0,1,2  # a sweep
-    python train_cifar.py --summarize out/cifar           # its table and plot, per optimizer and lr
+    python results/summarize.py out/cifar                 # its tables and figures
 
 The data is the official "python version" archive from www.cs.toronto.edu/~kriz, downloaded
 once (progress bar, temporary name, MD5 checked), extracted under --cache-dir and reused;
@@ -16,15 +16,14 @@ device as uint8; random crops (4-pixel padding) and flips are done there on the 
 epoch at once, as airbench does: no DataLoader, no per-image Python.
 
 Each run writes --out-dir/<dataset>-<net>-<optimizer>-lr<lr>-s<seed>/: log.jsonl (one line
-per epoch: train loss and accuracy, test top-1 and top-5, time) and ckpt.pt (written
-atomically after every epoch; --resume continues exactly). Compare mode adds a table,
-results.csv and an accuracy plot (PNG, when matplotlib is installed); run again, it reuses
-finished runs and resumes stopped ones.
+per epoch), ckpt.pt (after every epoch, atomic; --resume continues exactly) and run.json.
+Command-line checks, checkpoint loading and downloads work as in train_gpt.py and come
+from there; run folders and their tables behave the same way too.
 
-Measured (README, "Results"): the small net at --width 16 (125k parameters), 2 epochs on all
-of CIFAR-10, about 4 minutes on one core of a 2-core AMD EPYC, reaches 69.4% test top-1
-with AdamW, 70.7% with Muon, 71.5% with MuonEq-R and 66.5% with REG, each at its own swept
-learning rate (mean of 3 seeds). No GPU numbers have been measured yet.
+Measured (results/README.md): the small net at --width 16 (125k parameters), 2 epochs on
+all of CIFAR-10, about 4 minutes on one core of a 2-core AMD EPYC, reaches 69.4% test top-1
+with AdamW, 70.7% with Muon and 66.5% with REG, each at its own swept learning rate
+(mean of 3 seeds).
 """
 
 import argparse
@@ -32,13 +31,12 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import pickle
 import sys
 import tarfile
 import time
-import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -47,6 +45,30 @@ from torch import nn
 from tqdm import tqdm
 
 import reg
+from results import summarize
+from train_gpt import (Parser, ReportedError, check_device, check_folder, download, existing_path,
+                       folder_path, load_checkpoint, number, optimizer_list, resumed, write_atomic)
+
+# -----------------------------------------------------------------------------
+# Settings: per-net sizes and every other default, in one place
+# -----------------------------------------------------------------------------
+
+NET_DEFAULTS = {  # unswept starting points; each can be set by its own flag
+    "resnet18": dict(epochs=30, batch_size=256, lr=2e-3, width=64),
+    "small": dict(epochs=10, batch_size=512, lr=3e-3, width=64),
+}
+DEFAULTS = dict(
+    optimizer=["reg"], seed=[0],      # names (reg.OPTIMIZERS) and seeds: each combination runs
+    weight_decay=0.1,                 # decoupled, the same for every method
+    dataset="cifar100",
+    warmup_epochs=1.0,                # linear warmup, then linear decay to zero
+    label_smoothing=0.1,
+    cache_dir="data", out_dir="out/cifar", bf16=True, compile=False, quiet=False,
+)
+NOT_SETTINGS = ("optimizer", "lr", "seed", "out_dir", "resume", "quiet", "data_dir", "cache_dir",
+                "device", "compile")
+RESUME_MAY_SET = ("epochs", "device", "compile", "quiet", "data_dir", "cache_dir")
+
 
 # -----------------------------------------------------------------------------
 # Data: the official pickles, downloaded once and checked
@@ -68,44 +90,23 @@ MEAN_STD = {"cifar100": ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
             "cifar10": ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7))}
 
 
-class ReportedError(Exception):
-    """A problem shown to the user as one clear message, without a traceback."""
-
-
-def md5_of(path):
+def fetch_archive(spec, cache_dir):
+    """The archive, downloaded once (through a temporary name) and MD5-checked; a copy
+    already there is checked too, so a truncated or corrupt one is named, not used."""
+    archive = Path(cache_dir) / spec["url"].rsplit("/", 1)[1]
+    fresh = not archive.exists()
+    if fresh:
+        download(spec["url"], archive, spec["bytes"], f"point --data-dir at an extracted {spec['folder']}/ folder")
     digest = hashlib.md5()
-    with open(path, "rb") as f:
+    with open(archive, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fetch_archive(spec, cache_dir):
-    """Download the archive once to a temporary name, check size and MD5, then rename.
-    A file that is already there is checked too: a truncated or corrupt copy is named."""
-    archive = Path(cache_dir) / spec["url"].rsplit("/", 1)[1]
-    if archive.exists():
-        if md5_of(archive) != spec["md5"]:
-            raise ReportedError(f"{archive} is corrupt or truncated (MD5 {md5_of(archive)}, expected "
-                                f"{spec['md5']}): delete it and run again to download it anew")
-        return archive
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    tmp = archive.with_name(archive.name + ".part")
-    try:
-        with urllib.request.urlopen(spec["url"], timeout=60) as response, open(tmp, "wb") as f, \
-                tqdm(total=spec["bytes"], unit="B", unit_scale=True, desc=f"download {archive.name}") as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ReportedError(
-            f"could not download {spec['url']} ({e}).\nPut the archive at {archive} by hand, or "
-            f"point --data-dir at an extracted {spec['folder']}/ folder") from None
-    if md5_of(tmp) != spec["md5"]:
-        tmp.unlink()
-        raise ReportedError(f"the download of {spec['url']} is corrupt (MD5 mismatch): run again")
-    os.replace(tmp, archive)
+    if digest.hexdigest() != spec["md5"]:
+        if fresh:
+            archive.unlink()
+            raise ReportedError(f"the download of {spec['url']} is corrupt (MD5 mismatch): run again")
+        raise ReportedError(f"{archive} is corrupt or truncated (MD5 {digest.hexdigest()}, expected "
+                            f"{spec['md5']}): delete it and run again to download it anew")
     return archive
 
 
@@ -250,7 +251,7 @@ def lr_factor(step, total, warmup):
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, batch_size, autocast, layout=torch.contiguous_format):
+def evaluate(model, images, labels, batch_size, autocast, layout):
     """Top-1 and top-5 accuracy on the (already normalized, on-device) test set."""
     model.eval()
     top1 = top5 = 0
@@ -265,298 +266,205 @@ def evaluate(model, images, labels, batch_size, autocast, layout=torch.contiguou
     return top1.item() / len(images), top5.item() / len(images)
 
 
-def save_atomic(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
-
-
-def train(args, data, optimizer_name, lr, seed, run_dir, resume_from=None):
-    device = torch.device(args.device)
+def start(args, name, lr, seed, run_dir, resume):
+    """Model, optimizer and counters, fresh (the same initial weights for every optimizer of
+    one seed) or restored from the run's checkpoint."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = run_dir / "ckpt.pt", run_dir / "log.jsonl"
-    train_x, train_y, test_x, test_y = data
-    classes = DATASETS[args.dataset]["classes"]
-
-    torch.manual_seed(seed)  # same seed: same initial weights for every optimizer
+    torch.manual_seed(seed)
     # One memory layout for the model and every batch. channels_last is faster on CUDA
     # tensor cores, and on a CPU for the small net (850 vs 700 images/s here). On a CPU,
     # ResNet-18 keeps the plain layout: oneDNN's channels_last backward of its strided 1x1
     # shortcut conv crashes (segfault) on an odd-sized batch with 2+ threads (torch 2.13).
-    layout = torch.channels_last if device.type == "cuda" or args.net == "small" else torch.contiguous_format
-    model = NETS[args.net](classes, args.width).to(device, memory_format=layout)
-    opt = reg.build_optimizer(optimizer_name, model, lr=lr, weight_decay=args.weight_decay)
+    layout = torch.channels_last if args.device.startswith("cuda") or args.net == "small" else torch.contiguous_format
+    model = NETS[args.net](DATASETS[args.dataset]["classes"], args.width).to(args.device, memory_format=layout)
+    opt = reg.build_optimizer(name, model, lr=lr, weight_decay=args.weight_decay)
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]
-    start_epoch, elapsed, log_lines = 0, 0.0, []
-    if resume_from:
-        saved = torch.load(resume_from, map_location=device, weights_only=False)
+    run = SimpleNamespace(args=args, name=name, lr=lr, seed=seed, dir=run_dir, model=model, opt=opt,
+                          layout=layout, net=torch.compile(model) if args.compile else model,
+                          epoch=0, elapsed=0.0, log=[])
+    if resume:
+        saved = load_checkpoint(run_dir, "--resume")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
-        start_epoch, elapsed = saved["epoch"], saved["elapsed"]
-        log_lines = [l for l in log_path.read_text().splitlines()
-                     if l.strip() and json.loads(l)["epoch"] <= start_epoch] if log_path.exists() else []
-    log_path.write_text("".join(l + "\n" for l in log_lines))
-    net = torch.compile(model) if args.compile else model
+        run.epoch, run.elapsed = saved["epoch"], saved["elapsed"]
+        lines = (run_dir / "log.jsonl").read_text().splitlines()
+        run.log = [e for e in map(json.loads, lines) if e["epoch"] <= run.epoch]
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in run.log))
     if args.compile:
         reg.use_compiled_math()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.bf16
-                else torch.autocast("cpu", enabled=False))
+    run.autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
+                                  enabled=args.bf16 and args.device.startswith("cuda"))
+    write_record(run, finished=False)
+    return run
 
+
+def train(args, data, name, lr, seed, run_dir, resume=False):
+    """Train one model, writing its log, checkpoints and run.json; returns its log."""
+    run = start(args, name, lr, seed, run_dir, resume)
+    train_x, train_y, test_x, test_y = data
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    warmup = round(args.warmup_epochs * steps_per_epoch)
-    for epoch in range(start_epoch, args.epochs):
+    total, warmup = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    for epoch in range(run.epoch, args.epochs):
         # The data order and augmentation of epoch e depend only on (seed, e), so a run
         # resumed at an epoch boundary sees exactly what an uninterrupted one sees.
-        g = torch.Generator(device).manual_seed(seed * 100_003 + epoch)
+        g = torch.Generator(args.device).manual_seed(seed * 100_003 + epoch)
         t0 = time.perf_counter()
         images = augment(train_x, g)
-        order = torch.randperm(len(images), generator=g, device=device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        bar = tqdm(range(steps_per_epoch), desc=f"{optimizer_name} lr={lr:g} epoch {epoch + 1}/{args.epochs}",
-                   disable=args.quiet, leave=False)
-        for i in bar:
-            step = epoch * steps_per_epoch + i
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr_factor(step, total_steps, warmup)
+        order = torch.randperm(len(images), generator=g, device=args.device)
+        loss_sum = torch.zeros((), device=args.device)
+        correct = torch.zeros((), device=args.device, dtype=torch.long)
+        for i in tqdm(range(steps_per_epoch), desc=f"{name} lr={lr:g} epoch {epoch + 1}/{args.epochs}",
+                      disable=args.quiet, leave=False):
+            for group in run.opt.param_groups:
+                group["lr"] = group["initial_lr"] * lr_factor(epoch * steps_per_epoch + i, total, warmup)
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
-            x, y = images[idx].contiguous(memory_format=layout), train_y[idx]
-            with autocast:
-                logits = net(x)
+            x, y = images[idx].contiguous(memory_format=run.layout), train_y[idx]
+            with run.autocast:
+                logits = run.net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            run.opt.step()
+            run.opt.zero_grad(set_to_none=True)
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == y).sum()
         train_loss = loss_sum.item() / len(images)  # one sync per epoch
         if not math.isfinite(train_loss):
-            raise ReportedError(f"{optimizer_name} lr={lr:g}: the loss became {train_loss} in epoch "
-                                f"{epoch + 1}; stopped. The last good checkpoint is {ckpt_path} "
-                                "(lower --lr)")
+            raise ReportedError(f"{name} lr={lr:g}: the loss became {train_loss} in epoch {epoch + 1}; "
+                                f"stopped. The last good checkpoint is {run_dir / 'ckpt.pt'} (lower --lr)")
         epoch_time = time.perf_counter() - t0
-        elapsed += epoch_time
-        top1, top5 = evaluate(net, test_x, test_y, 1000, autocast, layout)
+        run.elapsed += epoch_time
+        top1, top5 = evaluate(run.net, test_x, test_y, 1000, run.autocast, run.layout)
         entry = dict(epoch=epoch + 1, train_loss=train_loss, train_acc=correct.item() / len(images),
-                     test_top1=top1, test_top5=top5, lr=opt.param_groups[0]["lr"],
-                     epoch_time=round(epoch_time, 2), time=round(elapsed, 2),
+                     test_top1=top1, test_top5=top5, lr=run.opt.param_groups[0]["lr"],
+                     epoch_time=round(epoch_time, 2), time=round(run.elapsed, 2),
                      images_per_s=round(len(images) / epoch_time, 1))
-        with open(log_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1,
-                         elapsed=elapsed, optimizer_name=optimizer_name, lr=lr, seed=seed,
-                         args=vars(args)), ckpt_path)
+        save(run, entry)
         if not args.quiet:
-            print(f"{optimizer_name} lr={lr:g} epoch {epoch + 1}: loss {train_loss:.3f}, train acc "
-                  f"{entry['train_acc']:.3f}, test top-1 {top1:.4f} top-5 {top5:.4f}, "
-                  f"{epoch_time:.1f}s ({entry['images_per_s']:,.0f} img/s)")
-    summary = run_summary(optimizer_name, lr, seed, log_path, elapsed)
-    print(f"{optimizer_name} lr={lr:g} seed={seed}: test top-1 {summary['test_top1']:.4f}, "
-          f"top-5 {summary['test_top5']:.4f} after {args.epochs} epochs, {elapsed:.1f}s")
-    return summary
+            print(f"{name} lr={lr:g} epoch {epoch + 1}: loss {train_loss:.3f}, train acc {entry['train_acc']:.3f}, "
+                  f"test top-1 {top1:.4f} top-5 {top5:.4f}, {epoch_time:.1f}s ({entry['images_per_s']:,.0f} img/s)")
+    write_record(run, finished=True)
+    last = run.log[-1]
+    print(f"{name} lr={lr:g} seed={seed}: test top-1 {last['test_top1']:.4f}, top-5 "
+          f"{last['test_top5']:.4f} after {args.epochs} epochs, {run.elapsed:.1f}s")
+    return run.log
 
 
-def run_summary(optimizer_name, lr, seed, log_path, elapsed):
-    """One row of results.csv, from the last epoch in a run's log."""
-    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    last = entries[-1] if entries else {}
-    return dict(optimizer=optimizer_name, lr=lr, seed=seed, epochs=last.get("epoch", 0),
-                test_top1=last.get("test_top1", float("nan")),
-                test_top5=last.get("test_top5", float("nan")), time=round(elapsed, 1))
+def save(run, entry):
+    """The epoch's log line, then ckpt.pt through a temporary name (a crash mid-write leaves
+    the previous checkpoint whole)."""
+    run.log.append(entry)
+    with open(run.dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    torch.save(dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), epoch=entry["epoch"],
+                    elapsed=run.elapsed, optimizer_name=run.name, lr=run.lr, seed=run.seed,
+                    args=vars(run.args)), run.dir / "ckpt.pt.tmp")
+    (run.dir / "ckpt.pt.tmp").replace(run.dir / "ckpt.pt")
 
 
-# What may differ between the runs of one comparison; every other argument is a setting
-# that they must share (checked when a finished run is reused, or a folder summarized).
-NOT_SETTINGS = ("optimizer", "lr", "seed", "optimizers", "lrs", "seeds", "out_dir", "resume",
-                "summarize", "quiet", "epochs_given", "data_dir", "cache_dir")
-
-
-def load_run(run_dir, what):
-    path = run_dir / "ckpt.pt"
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise ReportedError(f"{what} {path}: not a readable checkpoint ({e})") from None
-
-
-def finished_run(run_dir, settings):
-    """A summary of the finished run in run_dir, "unfinished" for one that stopped early
-    (to be resumed), or None where there is none. A run made with other settings than
-    `settings` (an args dict) is an error: mixing it into a comparison would be a wrong
-    result."""
-    if not (run_dir / "ckpt.pt").exists():
-        return None
-    saved = load_run(run_dir, "the earlier run in")
-    differences = reg.settings_differences(saved["args"], settings, NOT_SETTINGS)
-    if differences:
-        raise ReportedError(f"{run_dir} was run with other settings ({'; '.join(differences[:3])}); "
-                            "a folder holds one sweep: pass another --out-dir, or remove that run")
-    if saved["epoch"] < settings["epochs"]:
-        return "unfinished"
-    return run_summary(saved["optimizer_name"], saved["lr"], saved["seed"], run_dir / "log.jsonl",
-                       saved["elapsed"])
-
-
-def summarize(folder):
-    """--summarize: the lr sweep of every finished run in a folder, as a table (mean and
-    spread of test top-1 over seeds at each lr), sweep.csv and sweep.png; then results.csv and
-    accuracy.png of the runs at each optimizer's best lr."""
-    folder = Path(folder)
-    run_dirs = sorted(path.parent for path in folder.glob("*/ckpt.pt"))
-    if not run_dirs:
-        raise ReportedError(f"--summarize {folder}: no finished runs there (each run folder holds a ckpt.pt)")
-    settings = load_run(run_dirs[0], "--summarize")["args"]
-    runs = []
-    for run_dir in run_dirs:
-        summary = finished_run(run_dir, settings)
-        if summary == "unfinished":
-            print(f"{run_dir.name}: unfinished, left out")
-        else:
-            runs.append(dict(summary, run=run_dir.name))
-    if not runs:
-        raise ReportedError(f"--summarize {folder}: every run there is unfinished")
-    table = reg.summarize_sweep(runs, "test_top1", lower_is_better=False)
-    reg.write_sweep(table, folder, "test top-1 accuracy")
-    best = {(row["optimizer"], row["lr"]) for row in table if row["best"]}
-    report([r for r in runs if (r["optimizer"], r["lr"]) in best], folder)
+def write_record(run, finished):
+    """run.json: the run, its settings and, once finished, its results.csv row."""
+    last = run.log[-1] if run.log else {}
+    record = dict(script="train_cifar", run=run.dir.name, optimizer=run.name, lr=run.lr, seed=run.seed,
+                  settings={k: v for k, v in vars(run.args).items() if k not in NOT_SETTINGS},
+                  finished=finished, metric="test_top1", lower_is_better=False, curve=["epoch", "test_top1"],
+                  summary=dict(optimizer=run.name, lr=run.lr, seed=run.seed, epochs=last.get("epoch", 0),
+                               test_top1=last.get("test_top1"), test_top5=last.get("test_top5"),
+                               time=round(run.elapsed, 1)))
+    write_atomic(run.dir / "run.json", json.dumps(record, indent=1))
 
 
 # -----------------------------------------------------------------------------
-# Command line, compare mode, report
+# Command line: settings, checks, main
 # -----------------------------------------------------------------------------
-
-DEFAULTS = {  # per net: epochs, batch size, lr (unswept starting points)
-    "resnet18": dict(epochs=30, batch_size=256, lr=2e-3, width=64),
-    "small": dict(epochs=10, batch_size=512, lr=3e-3, width=64),
-}
-
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--optimizer", default="reg",
-                   help=f"one name or a comma list to compare ({', '.join(reg.OPTIMIZERS)})")
-    p.add_argument("--lr", default=None, help="learning rate, or a comma list (default: the net's)")
-    p.add_argument("--seed", default="0", help="seed, or a comma list")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="decoupled, all methods alike")
-    p.add_argument("--dataset", choices=DATASETS, default="cifar100", help="official python version")
-    p.add_argument("--net", choices=NETS, default=None, help="default: resnet18 on CUDA, small elsewhere")
-    p.add_argument("--width", type=int, default=None, help="base channel width (64)")
-    p.add_argument("--epochs", type=int, default=None, help="default: resnet18 30, small 10")
-    p.add_argument("--batch-size", type=int, default=None, help="default: resnet18 256, small 512")
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup, then linear decay to 0")
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--subset", type=int, default=None, help="train on the first N training images")
-    p.add_argument("--data-dir", default=None, help="an extracted official folder; never downloads")
-    p.add_argument("--cache-dir", default="data", help="where the archive is downloaded and extracted")
-    p.add_argument("--out-dir", default="out/cifar", help="runs, logs, checkpoints, plots")
-    p.add_argument("--resume", default=None, help="a run directory or ckpt.pt to continue")
-    p.add_argument("--summarize", default=None, metavar="DIR",
-                   help="train nothing: tabulate the finished runs in DIR (an --out-dir) per "
-                        "optimizer and lr, mean and spread over seeds, and plot the sweep")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="CUDA: no bfloat16 autocast")
-    p.add_argument("--compile", action="store_true", help="torch.compile the net and reg's math")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    args = p.parse_args(argv)
-    args.net = args.net or ("resnet18" if args.device.startswith("cuda") else "small")
-    args.epochs_given = args.epochs is not None
-    for key, value in DEFAULTS[args.net].items():
-        if key != "lr" and getattr(args, key) is None:
-            setattr(args, key, value)
+    """Each flag given, else the net's default, else DEFAULTS; with --resume, the run's own
+    settings (only RESUME_MAY_SET may change). All checked before anything is written."""
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--optimizer", type=optimizer_list, help=f"a name or a comma list ({', '.join(reg.OPTIMIZERS)})")
+    add("--lr", type=number(many=True), help="learning rate or comma list (default: the net's)")
+    add("--seed", type=number(int, 0, 2**32 - 1, many=True), help="seed or comma list")
+    add("--weight-decay", type=number(), help="decoupled, the same for all methods (0.1)")
+    add("--dataset", choices=DATASETS, help="the official python version (cifar100)")
+    add("--net", choices=NETS, help="resnet18 on CUDA, small elsewhere")
+    add("--width", type=number(int, 1), help="base channel width (64)")
+    add("--epochs", type=number(int, 1), help="resnet18 30, small 10")
+    add("--batch-size", type=number(int, 1), help="resnet18 256, small 512")
+    add("--warmup-epochs", type=number(float, 0), help="linear warmup, then linear decay to 0 (1.0)")
+    add("--label-smoothing", type=number(float, 0, 0.99), help="(0.1)")
+    add("--subset", type=number(int, 1), help="train on the first N training images")
+    add("--data-dir", type=existing_path, help="an extracted official folder; never downloads")
+    add("--cache-dir", type=folder_path, help="where the archive is downloaded and extracted (data)")
+    add("--out-dir", type=folder_path, help="runs, logs, checkpoints, tables (out/cifar)")
+    add("--resume", type=existing_path, help="a run folder (or its ckpt.pt) to continue: that run alone")
+    add("--device", help="cuda, cuda:N or cpu (cuda when there is one)")
+    add("--bf16", action=argparse.BooleanOptionalAction, help="CUDA: bfloat16 autocast (on)")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the net and math (off)")
+    add("--quiet", action="store_true", default=None, help="no progress bar or per-epoch lines")
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     try:
-        args.optimizers, args.lrs, args.seeds = reg.parse_grid(
-            args.optimizer, args.lr or str(DEFAULTS[args.net]["lr"]), args.seed)
+        if "resume" in given:
+            saved = load_checkpoint(given["resume"], "--resume")
+            args = resumed(given, saved["args"], RESUME_MAY_SET)
+            args.optimizer, args.lr, args.seed = [saved["optimizer_name"]], [saved["lr"]], [saved["seed"]]
+            if args.epochs <= saved["epoch"]:
+                raise ValueError(f"--resume {given['resume']}: the run is at epoch {saved['epoch']} of "
+                                 f"{args.epochs}; pass --epochs above {saved['epoch']} to train it further")
+        else:
+            device = given.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+            net = given.get("net") or ("resnet18" if device.startswith("cuda") else "small")
+            args = argparse.Namespace(**{**DEFAULTS, **NET_DEFAULTS[net], "lr": [NET_DEFAULTS[net]["lr"]],
+                                         "net": net, "device": device, "subset": None, "data_dir": None,
+                                         "resume": None, **given})
+            if args.warmup_epochs >= args.epochs and "warmup_epochs" not in given:
+                print(f"note: {args.warmup_epochs:g} warmup epochs do not fit in --epochs {args.epochs}: "
+                      f"warming up for {args.epochs / 10:g} (pass --warmup-epochs to choose)")
+                args.warmup_epochs = args.epochs / 10
+        check_device(args.device)
+        if args.warmup_epochs >= args.epochs:
+            raise ValueError(f"--warmup-epochs {args.warmup_epochs:g} must be below --epochs {args.epochs}")
     except ValueError as e:
         p.error(str(e))
-    for key in ("epochs", "batch_size", "width"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be >= 1")
-    if args.subset is not None and args.subset < 1:
-        p.error("--subset must be >= 1")
-    if args.resume and (len(args.optimizers) > 1 or len(args.lrs) > 1 or len(args.seeds) > 1):
-        p.error("--resume continues one run: give one optimizer, lr and seed (or none)")
     return args
 
 
 def load_data(args):
     """All four tensors on the device: normalized images (bf16 on CUDA) and labels."""
-    if args.data_dir is not None:
-        folder = Path(args.data_dir)
-        if not folder.is_dir():
-            raise ReportedError(f"--data-dir {folder}: no such directory (it should be an extracted "
-                                f"{DATASETS[args.dataset]['folder']}/ folder)")
-    else:
-        folder = extracted_folder(args.dataset, args.cache_dir)
+    folder = Path(args.data_dir) if args.data_dir else extracted_folder(args.dataset, args.cache_dir)
+    if not folder.is_dir():
+        raise ReportedError(f"--data-dir {folder}: not a folder (it should be an extracted "
+                            f"{DATASETS[args.dataset]['folder']}/ folder)")
     train_x, train_y = read_split(folder, args.dataset, "train")
     test_x, test_y = read_split(folder, args.dataset, "test")
     if args.subset:
         train_x, train_y = train_x[:args.subset], train_y[:args.subset]
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
-    return (normalize(train_x.to(device), args.dataset, dtype), train_y.to(device),
-            normalize(test_x.to(device), args.dataset, dtype), test_y.to(device))
-
-
-def report(summaries, out_dir):
-    print(f"\n{'optimizer':<11}{'lr':>9}{'seed':>6}{'top-1':>8}{'top-5':>8}{'time s':>9}")
-    for s in summaries:
-        print(f"{s['optimizer']:<11}{s['lr']:>9.2g}{s['seed']:>6}{s['test_top1']:>8.4f}"
-              f"{s['test_top5']:>8.4f}{s['time']:>9.1f}")
-    reg.write_csv(summaries, out_dir / "results.csv")
-    plt = reg.pyplot("accuracy.png")
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in summaries:
-        entries = [json.loads(l) for l in (out_dir / s["run"] / "log.jsonl").read_text().splitlines()]
-        ax.plot([e["epoch"] for e in entries], [e["test_top1"] for e in entries],
-                marker="o", label=f"{s['optimizer']} lr={s['lr']:g} s{s['seed']}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test top-1 accuracy")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    reg.save_figure(plt, fig, out_dir / "accuracy.png")
+    dtype = torch.bfloat16 if args.device.startswith("cuda") and args.bf16 else torch.float32
+    return (normalize(train_x.to(args.device), args.dataset, dtype), train_y.to(args.device),
+            normalize(test_x.to(args.device), args.dataset, dtype), test_y.to(args.device))
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        if args.summarize:
-            return summarize(args.summarize)
-        resume_from = None
-        if args.resume:  # the run continues with the settings it was started with
-            resume_from = Path(args.resume)
-            resume_from = resume_from / "ckpt.pt" if resume_from.is_dir() else resume_from
-            if not resume_from.is_file():
-                raise ReportedError(f"--resume {args.resume}: no checkpoint there")
-            saved = torch.load(resume_from, map_location="cpu", weights_only=False)
-            keep = dict(resume=args.resume, quiet=args.quiet,
-                        epochs=args.epochs if args.epochs_given else saved["args"]["epochs"])
-            args = argparse.Namespace(**{**vars(args), **saved["args"], **keep})
-            args.optimizers, args.lrs, args.seeds = [saved["optimizer_name"]], [saved["lr"]], [saved["seed"]]
+        args = parse_args(argv)
+        if args.device.startswith("cuda"):  # TF32 matmuls; cuDNN picks the fastest conv algorithms
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        out_dir = Path(args.resume).parent if args.resume else Path(args.out_dir)
+        runs = {} if args.resume else check_folder(args, NOT_SETTINGS)
         data = load_data(args)
-        out_dir = Path(args.out_dir) if not resume_from else resume_from.parent.parent
-        summaries = []
-        for name, lr, seed in itertools.product(args.optimizers, args.lrs, args.seeds):
-            run = f"{args.dataset}-{args.net}-{name}-lr{lr:g}-s{seed}"
-            run_from = resume_from
-            if resume_from:
-                run = resume_from.parent.name
-            else:  # a sweep that was interrupted, or extended, redoes nothing that is done
-                earlier = finished_run(out_dir / run, vars(args))
-                if isinstance(earlier, dict):
-                    print(f"{run}: finished earlier with these settings; reusing it")
-                    summaries.append(dict(earlier, run=run))
-                    continue
-                if earlier == "unfinished":
-                    print(f"{run}: stopped early; resuming it")
-                    run_from = out_dir / run / "ckpt.pt"
-            summaries.append(dict(train(args, data, name, lr, seed, out_dir / run, run_from), run=run))
-        report(summaries, out_dir)
-    except ReportedError as e:
+        for name, lr, seed in itertools.product(args.optimizer, args.lr, args.seed):
+            run_dir = Path(args.resume) if args.resume else out_dir / f"{args.dataset}-{args.net}-{name}-lr{lr:g}-s{seed}"
+            if runs.get(run_dir.name):
+                print(f"{run_dir.name}: finished earlier with these settings; reusing it")
+                continue
+            resume = (run_dir / "ckpt.pt").exists()
+            if resume and not args.resume:
+                print(f"{run_dir.name}: stopped early; resuming it")
+            train(args, data, name, lr, seed, run_dir, resume)
+        summarize.report(out_dir, strict=False)
+    except (ReportedError, summarize.SweepError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -1,32 +1,29 @@
 """
 train_gpt.py: train a GPT (nanoGPT-style) on openwebtext-100k with any optimizer of reg.py.
 
-    python train_gpt.py                                   # GPT-2 124M on CUDA, tiny on CPU
+    python train_gpt.py                                   # GPT-2 124M on CUDA, tiny on a CPU
     python train_gpt.py --optimizer adamw,reg,muon        # compare: same seed, same data
-    python train_gpt.py --preset tiny --data ../shared/data/tinyshakespeare/input.txt \\
-        --bpe-dir ../shared/data/gpt2-bpe                 # local text, no network
-    python train_gpt.py --resume out/gpt/reg-lr0.0006-s0  # continue an interrupted run
-    python train_gpt.py --init-from out/gpt/adamw-lr0.0006-s0/ckpt.pt --data other.txt \\
-        --optimizer reg,muon,adamw                        # fine-tune an AdamW-trained model
-    python train_gpt.py --preset small --tokenizer bytes --optimizer adamw,muon,reg \\
-        --lr 1e-3,4e-3,1.6e-2 --seed 0 --out-dir out/sweep  # an lr sweep (rerun: reuses runs)
-    python train_gpt.py --summarize out/sweep             # its table and plot, per optimizer and lr
+    python train_gpt.py --data ../shared/data/tinyshakespeare/input.txt --tokenizer bytes
+    python train_gpt.py --resume out/gpt/reg-lr0.003-s0   # continue that one run
+    python train_gpt.py --init-from out/gpt/adamw-lr0.003-s0/ckpt.pt --data other.txt \\
+        --optimizer reg,muon,adamw --also-eval PRETRAINING_DATA   # fine-tune, measure forgetting
+    python results/summarize.py out/gpt                   # tables and figures of a folder
 
-The default data set is Elriggs/openwebtext-100k (one 303 MB Parquet file from the Hugging
-Face hub), tokenized once with GPT-2 BPE into uint16 files under --cache-dir and reused.
---data trains on local text instead: Parquet with a `text` column, JSON Lines (optionally
-.gz) with a `text` field, plain .txt (one document per file), or a directory of them.
+The default data is Elriggs/openwebtext-100k (one 303 MB Parquet file from the Hugging Face
+hub), tokenized once with GPT-2 BPE into uint16 files under --cache-dir. --data trains on
+local text instead: Parquet with a `text` column, JSON Lines (optionally .gz) with a `text`
+field, plain .txt (one document per file), or a directory of them.
 
-Every run writes to --out-dir/<optimizer>-lr<lr>-s<seed>/: log.jsonl (one line per eval:
-step, train loss, val loss, lr, time), ckpt.pt (model, optimizer, step, RNG and data
-position, written atomically) and, in compare mode, a summary table, results.csv and a
-loss plot (PNG, when matplotlib is installed).
+Each run writes --out-dir/<optimizer>-lr<lr>-s<seed>/: log.jsonl (one line per eval),
+ckpt.pt (model, optimizer, step, RNG and data position; atomic) and run.json (settings and
+summary). After its runs, the folder's results.csv and figures are rebuilt from every
+finished run in it. A folder holds runs of one setting: rerun the same command and finished
+runs are reused, stopped ones resumed.
 
-Measured (README, "Results"): the `small` preset with --tokenizer bytes (0.85M parameters,
-300 steps of 16x128 bytes of the OpenWebText sample, about 3 minutes on one core of a
-2-core AMD EPYC) reaches a validation loss of 2.48 nats per byte with AdamW and 2.01-2.06
-with Muon, MuonEq and NorMuon, each at its own swept learning rate (mean of 3 seeds).
-No GPU numbers have been measured yet.
+Measured (results/README.md): the `small` preset with --tokenizer bytes (0.85M parameters,
+300 steps of 16x128 bytes of an OpenWebText sample, 1-3 minutes on one core of a 2-core
+AMD EPYC) reaches a validation loss of 2.48 nats per byte with AdamW and 2.01-2.06 with
+Muon, MuonEq and NorMuon, each at its own swept learning rate (mean of 3 seeds).
 """
 
 import argparse
@@ -41,6 +38,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -49,9 +47,49 @@ from torch import nn
 from tqdm import tqdm
 
 import reg
+from results import summarize
 
 # -----------------------------------------------------------------------------
-# Data: download, read, tokenize, cache
+# Settings: the sizes (presets) and every other default, in one place
+# -----------------------------------------------------------------------------
+
+PRESETS = {  # model and run sizes; each value can still be set by its own flag
+    # 2x64, context 64: a CPU smoke test (with GPT-2 BPE it is mostly embedding)
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=16, grad_accum=1,
+                 max_steps=300, warmup_steps=30, eval_every=50, eval_batches=8, lr=3e-3),
+    # 4x128, context 128: the CPU comparisons of results/ (with --tokenizer bytes)
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, grad_accum=1,
+                  max_steps=1000, warmup_steps=100, eval_every=100, eval_batches=16, lr=2e-3),
+    # GPT-2 124M: 850 steps of 16x1024x8 = 111M tokens, one epoch of openwebtext-100k's
+    # ~113M training tokens (a longer run would measure memorization, not optimization)
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, grad_accum=8,
+                 max_steps=850, warmup_steps=50, eval_every=50, eval_batches=20, lr=6e-4),
+}
+DEFAULTS = dict(
+    optimizer=["reg"], seed=[0],      # names (reg.OPTIMIZERS) and seeds: each combination runs
+    weight_decay=0.1,                 # decoupled, the same for every method
+    dropout=0.0,                      # 0 for pre-training, as nanoGPT
+    schedule="cosine",                # after the linear warmup: cosine, or wsd (flat, then linear)
+    min_lr_ratio=0.1, decay_fraction=0.2,  # final lr / peak; wsd's share of steps spent decaying
+    grad_clip=1.0,                    # max global gradient norm; 0 turns clipping off
+    log_every=10,                     # steps between progress updates (one device sync each)
+    tokenizer="gpt2", cache_dir="data", val_fraction=0.01, data_seed=1337,
+    out_dir="out/gpt", track="", bf16=True, compile=False, quiet=False,
+)
+# What may differ between the runs of one folder; everything else is a setting they share.
+NOT_SETTINGS = ("optimizer", "lr", "seed", "out_dir", "resume", "quiet", "log_every",
+                "bpe_dir", "cache_dir", "peak_tflops", "device", "compile")
+# What --resume may change; the rest comes from the run itself.
+RESUME_MAY_SET = ("max_steps", "device", "compile", "quiet", "log_every", "peak_tflops",
+                  "bpe_dir", "cache_dir")
+
+
+class ReportedError(Exception):
+    """A problem shown to the user as one clear line, without a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Data: download, read, tokenize once, cache
 # -----------------------------------------------------------------------------
 
 OWT_URL = ("https://huggingface.co/datasets/Elriggs/openwebtext-100k/resolve/main/"
@@ -60,15 +98,10 @@ OWT_BYTES = 302_558_045
 CACHE_VERSION = 2  # bump when the cache layout or the split rule changes
 
 
-class ReportedError(Exception):
-    """A problem shown to the user as one clear message, without a traceback: bad data,
-    bad settings, no network, a diverged run."""
-
-
-def download(url, dest, expected_bytes):
-    """Fetch url to dest once, with a progress bar. The bytes go to a temporary name and
-    are renamed only after the size checks out, so an interrupted download never leaves
-    a file that looks complete."""
+def download(url, dest, expected_bytes, alternative="train on local text with --data PATH "
+             "(.parquet, .jsonl[.gz], .txt or a directory), e.g. --data ../shared/data/openwebtext-sample"):
+    """Fetch url to dest once, with a progress bar, through a temporary name that is
+    renamed only after the size checks out: an interrupted download never looks complete."""
     dest = Path(dest)
     if dest.exists() and dest.stat().st_size == expected_bytes:
         return dest
@@ -78,45 +111,39 @@ def download(url, dest, expected_bytes):
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f, \
                 tqdm(total=expected_bytes, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
             while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
+                bar.update(f.write(chunk))
     except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
         tmp.unlink(missing_ok=True)
-        raise ReportedError(
-            f"could not download {url} ({e}).\nIt is expected at {dest}: download it there by "
-            f"hand, or train on local text with --data PATH (.parquet, .jsonl[.gz], .txt or a "
-            f"directory), e.g. --data ../shared/data/openwebtext-sample") from None
+        raise ReportedError(f"could not download {url} ({e}). It is expected at {dest}: put it "
+                            f"there by hand, or {alternative}") from None
     if tmp.stat().st_size != expected_bytes:
         got = tmp.stat().st_size
         tmp.unlink()
         raise ReportedError(f"download of {url} gave {got:,} bytes, expected {expected_bytes:,}; "
-                        "run again to retry")
+                            "run again to retry")
     os.replace(tmp, dest)
     return dest
+
+
+SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".txt")
 
 
 def text_files(path):
     """The files --data names: the file itself, or the readable files in a directory."""
     path = Path(path)
-    if not path.exists():
-        raise ReportedError(f"--data {path}: no such file or directory")
-    suffixes = (".parquet", ".jsonl", ".jsonl.gz", ".txt")
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffixes))
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.name.endswith(SUFFIXES))
     if not files:
         raise ReportedError(f"--data {path}: no .parquet, .jsonl, .jsonl.gz or .txt files in it")
-    for f in files:
-        if not f.name.endswith(suffixes):
-            raise ReportedError(f"--data {f}: unknown format; use .parquet (with a `text` column), "
+    if not files[0].name.endswith(SUFFIXES):
+        raise ReportedError(f"--data {path}: unknown format; use .parquet (with a `text` column), "
                             ".jsonl or .jsonl.gz (a `text` field per line) or .txt")
     return files
 
 
 def read_documents(file):
     """The documents in one file, as a list of str."""
-    name = file.name
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq  # only needed for Parquet
+    if file.name.endswith(".parquet"):
+        import pyarrow.parquet as pq  # only needed for Parquet, the format the hub serves
         try:
             schema = pq.read_schema(file)
         except Exception as e:  # pyarrow raises its own error types for bad files
@@ -124,27 +151,19 @@ def read_documents(file):
         if "text" not in schema.names:
             raise ReportedError(f"{file}: no `text` column (columns: {', '.join(schema.names)})")
         return [t for t in pq.read_table(file, columns=["text"]).column("text").to_pylist() if t]
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        docs = []
-        with opener(file, "rt", encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ReportedError(f"{file}, line {number}: not JSON ({e})") from None
-                if not isinstance(record, dict) or "text" not in record:
-                    raise ReportedError(f"{file}, line {number}: no `text` field")
-                if record["text"]:
-                    docs.append(record["text"])
-        return docs
     try:
-        text = Path(file).read_text(encoding="utf-8")
+        if file.name.endswith(".txt"):
+            return [text] if (text := file.read_text(encoding="utf-8")) else []
+        with (gzip.open if file.name.endswith(".gz") else open)(file, "rt", encoding="utf-8") as f:
+            records = [(number, json.loads(line)) for number, line in enumerate(f, 1) if line.strip()]
     except UnicodeDecodeError as e:
         raise ReportedError(f"{file}: not UTF-8 text ({e})") from None
-    return [text] if text else []
+    except json.JSONDecodeError as e:
+        raise ReportedError(f"{file}: a line is not JSON ({e})") from None
+    for number, record in records:
+        if not isinstance(record, dict) or "text" not in record:
+            raise ReportedError(f"{file}, line {number}: no `text` field")
+    return [record["text"] for _, record in records if record["text"]]
 
 
 class ByteTokenizer:
@@ -160,38 +179,27 @@ class ByteTokenizer:
 
 
 def load_tokenizer(bpe_dir=None, kind="gpt2"):
-    """The tokenizer that --tokenizer names: "gpt2" (BPE) or "bytes"."""
+    """--tokenizer bytes, or GPT-2 BPE through tiktoken as nanoGPT does. tiktoken downloads
+    its two files on first use; offline, --bpe-dir names a folder with encoder.json and
+    vocab.bpe (byte-identical copies, e.g. ../shared/data/gpt2-bpe)."""
     if kind == "bytes":
         return ByteTokenizer()
-    return load_gpt2_tokenizer(bpe_dir)
-
-
-def load_gpt2_tokenizer(bpe_dir=None):
-    """GPT-2 BPE through tiktoken, as nanoGPT does. tiktoken downloads its two files on
-    first use; with no network, point --bpe-dir at a folder holding encoder.json and
-    vocab.bpe (byte-identical copies, e.g. ../shared/data/gpt2-bpe)."""
     import tiktoken
     if bpe_dir is None:
         try:
             return tiktoken.get_encoding("gpt2")
         except Exception as e:  # tiktoken surfaces network failures as assorted errors
-            raise ReportedError(f"could not load the GPT-2 tokenizer ({type(e).__name__}: {e}).\n"
-                            "Offline? Pass --bpe-dir DIR with encoder.json and vocab.bpe, "
-                            "e.g. --bpe-dir ../shared/data/gpt2-bpe") from None
+            raise ReportedError(f"could not load the GPT-2 tokenizer ({type(e).__name__}: {e}). "
+                                "Offline? Pass --bpe-dir DIR with encoder.json and vocab.bpe, "
+                                "e.g. --bpe-dir ../shared/data/gpt2-bpe") from None
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
-    bpe_dir = Path(bpe_dir)
     for name in ("encoder.json", "vocab.bpe"):
-        if not (bpe_dir / name).is_file():
+        if not (Path(bpe_dir) / name).is_file():
             raise ReportedError(f"--bpe-dir {bpe_dir}: {name} is missing")
-    ranks = data_gym_to_mergeable_bpe_ranks(str(bpe_dir / "vocab.bpe"), str(bpe_dir / "encoder.json"))
+    ranks = data_gym_to_mergeable_bpe_ranks(str(Path(bpe_dir) / "vocab.bpe"), str(Path(bpe_dir) / "encoder.json"))
     return tiktoken.Encoding(name="gpt2-local", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": len(ranks)})
-
-
-def fingerprint(files):
-    """What the cache depends on: each source file's path, size and modification time."""
-    return [[str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in files]
 
 
 def prepare(files, cache_dir, tokenizer, val_fraction, seed):
@@ -199,92 +207,74 @@ def prepare(files, cache_dir, tokenizer, val_fraction, seed):
     cache that matches. Documents are split into train and val by a seeded permutation,
     with <|endoftext|> after every document. A single document (one .txt) is split by
     position instead: its last `val_fraction` of tokens is val, as nanoGPT does for
-    Shakespeare."""
+    Shakespeare. Exact duplicate documents are dropped (a copy in val would be in train)."""
     cache_dir = Path(cache_dir)
-    want = dict(version=CACHE_VERSION, sources=fingerprint(files), tokenizer=tokenizer.name,
+    sources = [[str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in files]
+    want = dict(version=CACHE_VERSION, sources=sources, tokenizer=tokenizer.name,
                 n_vocab=tokenizer.n_vocab, val_fraction=val_fraction, seed=seed)
-    meta_path = cache_dir / "meta.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+    if (cache_dir / "meta.json").exists():
+        meta = json.loads((cache_dir / "meta.json").read_text())
         if {k: meta.get(k) for k in want} != json.loads(json.dumps(want)):
             print(f"cache {cache_dir} is stale (the data or settings changed): tokenizing again")
         elif not all((cache_dir / f"{s}.bin").exists() and
-                     (cache_dir / f"{s}.bin").stat().st_size == 2 * meta[f"{s}_tokens"]
-                     for s in ("train", "val")):
+                     (cache_dir / f"{s}.bin").stat().st_size == 2 * meta[f"{s}_tokens"] for s in ("train", "val")):
             print(f"cache {cache_dir} is truncated or incomplete: tokenizing again")
         else:
             return meta
-
     docs = [d for f in tqdm(files, desc="read", disable=len(files) < 2) for d in read_documents(f)]
     if not docs:
         raise ReportedError(f"no text in {', '.join(map(str, files))}")
-    unique = list(dict.fromkeys(docs))  # a repeated document could land in train and in val
-    if len(unique) < len(docs):
+    if len(unique := list(dict.fromkeys(docs))) < len(docs):
         print(f"dropped {len(docs) - len(unique):,} exact duplicate documents of {len(docs):,}")
         docs = unique
-    if tokenizer.n_vocab > 2 ** 16:
-        raise ReportedError("the tokenizer's vocabulary does not fit uint16")
-    eot = tokenizer.eot_token
-    order = np.random.default_rng(seed).permutation(len(docs))
     n_val = 0 if len(docs) == 1 else max(1, round(val_fraction * len(docs)))
     is_val = np.zeros(len(docs), dtype=bool)
-    is_val[order[:n_val]] = True
-
+    is_val[np.random.default_rng(seed).permutation(len(docs))[:n_val]] = True
     cache_dir.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)  # meta.json is written last: its presence marks a done cache
+    (cache_dir / "meta.json").unlink(missing_ok=True)  # written last: it marks a complete cache
     tmp = {s: cache_dir / f"{s}.bin.tmp" for s in ("train", "val")}
-    counts = {"train": 0, "val": 0}
-    chunk = 256
-    with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val, \
-            tqdm(total=len(docs), desc="tokenize", unit="doc") as bar:
-        for start in range(0, len(docs), chunk):
-            batch = docs[start:start + chunk]
-            for i, ids in enumerate(tokenizer.encode_ordinary_batch(batch)):
-                ids.append(eot)
-                split = "val" if is_val[start + i] else "train"
-                (f_val if split == "val" else f_train).write(np.asarray(ids, dtype=np.uint16).tobytes())
-                counts[split] += len(ids)
-            bar.update(len(batch))
+    with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
+        for start in tqdm(range(0, len(docs), 256), desc="tokenize", unit="256 docs"):
+            for i, ids in enumerate(tokenizer.encode_ordinary_batch(docs[start:start + 256])):
+                ids.append(tokenizer.eot_token)
+                (f_val if is_val[start + i] else f_train).write(np.asarray(ids, dtype=np.uint16).tobytes())
     if n_val == 0:  # one document: the tail of its tokens is val
         tokens = np.fromfile(tmp["train"], dtype=np.uint16)
         cut = len(tokens) - max(1, round(val_fraction * len(tokens)))
         tokens[:cut].tofile(tmp["train"])
         tokens[cut:].tofile(tmp["val"])
-        counts = {"train": cut, "val": len(tokens) - cut}
+    counts = {s: path.stat().st_size // 2 for s, path in tmp.items()}
     for split, path in tmp.items():
         os.replace(path, cache_dir / f"{split}.bin")
-    meta = dict(want, n_docs=len(docs), n_val_docs=n_val, eot=eot,
+    meta = dict(want, n_docs=len(docs), n_val_docs=n_val, eot=tokenizer.eot_token,
                 train_tokens=counts["train"], val_tokens=counts["val"])
-    tmp_meta = meta_path.with_suffix(".json.tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_meta, meta_path)
-    print(f"tokenized {len(docs):,} documents: {counts['train']:,} train and "
-          f"{counts['val']:,} val tokens in {cache_dir}")
+    write_atomic(cache_dir / "meta.json", json.dumps(meta, indent=1))
+    print(f"tokenized {len(docs):,} documents: {counts['train']:,} train and {counts['val']:,} "
+          f"val tokens in {cache_dir}")
     return meta
 
 
-def load_data(args):
-    """Find or fetch the text, tokenize it (or reuse the cache), and map the token files."""
-    if args.data is None:
-        source = Path(args.cache_dir) / "openwebtext-100k" / OWT_URL.rsplit("/", 1)[1]
-        name, key = "openwebtext-100k", "hub"
+def load_data(args, data):
+    """Find or fetch the text (`data`: a path, or None for openwebtext-100k), tokenize it
+    or reuse the cache, and map the token files: ({"train": ..., "val": ...}, meta)."""
+    if data is None:
+        source, name, key = Path(args.cache_dir) / "openwebtext-100k" / OWT_URL.rsplit("/", 1)[1], "openwebtext-100k", "hub"
     else:
-        source, name = Path(args.data), Path(args.data).resolve().name
+        source, name = Path(data), Path(data).resolve().name
         key = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:8]
     cache_dir = Path(args.cache_dir) / f"{name}-{key}" / args.tokenizer
-    if args.data is None and not source.exists() and (cache_dir / "meta.json").exists():
-        # The download was removed after tokenizing: the token cache alone is enough.
-        meta = json.loads((cache_dir / "meta.json").read_text())
+    if data is None and not source.exists() and (cache_dir / "meta.json").exists():
+        meta = json.loads((cache_dir / "meta.json").read_text())  # the download was removed
     else:
-        files = [download(OWT_URL, source, OWT_BYTES)] if args.data is None else text_files(args.data)
-        meta = prepare(files, cache_dir, load_tokenizer(args.bpe_dir, args.tokenizer), args.val_fraction, args.data_seed)
+        files = text_files(data) if data else [download(OWT_URL, source, OWT_BYTES)]
+        meta = prepare(files, cache_dir, load_tokenizer(args.bpe_dir, args.tokenizer), args.val_fraction,
+                       args.data_seed)
     splits = {s: np.memmap(cache_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val")}
     for split, tokens in splits.items():
         if len(tokens) < args.block_size + 2:
-            raise ReportedError(
-                f"the {split} split has {len(tokens):,} tokens, too few for --block-size "
-                f"{args.block_size}: lower --block-size, or give more text"
-                + (" or raise --val-fraction" if split == "val" else ""))
+            raise ReportedError(f"the {split} split has {len(tokens):,} tokens, too few for --block-size "
+                                f"{args.block_size}: lower --block-size, or give more text"
+                                + (" or raise --val-fraction" if split == "val" else ""))
     return splits, meta
 
 
@@ -302,20 +292,16 @@ class Batches:
         rows = torch.from_numpy(self.tokens[starts[:, None] + self.offsets].astype(np.int64))
         if self.device.type == "cuda":  # pinned memory lets the copy overlap the GPU's work
             rows = rows.pin_memory().to(self.device, non_blocking=True)
-        else:
-            rows = rows.to(self.device)
-        return rows[:, :-1], rows[:, 1:]
+        return rows[:, :-1].to(self.device), rows[:, 1:].to(self.device)
 
     def next(self):
         high = len(self.tokens) - self.block_size - 1
-        starts = torch.randint(high, (self.batch_size,), generator=self.generator).numpy()
-        return self.window(starts)
+        return self.window(torch.randint(high, (self.batch_size,), generator=self.generator).numpy())
 
     def fixed(self, n_batches):
         """The same evenly spaced windows every time: a fixed validation set."""
-        starts = np.linspace(0, len(self.tokens) - self.block_size - 1,
-                             n_batches * self.batch_size).astype(np.int64)
-        return [self.window(s) for s in np.split(starts, n_batches)]
+        starts = np.linspace(0, len(self.tokens) - self.block_size - 1, n_batches * self.batch_size)
+        return [self.window(s) for s in np.split(starts.astype(np.int64), n_batches)]
 
 
 # -----------------------------------------------------------------------------
@@ -390,8 +376,7 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None):
-        T = idx.size(1)
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(idx.size(1), device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = block(x)
@@ -401,16 +386,15 @@ class GPT(nn.Module):
         # Under bfloat16 autocast, cross_entropy runs in float32 by itself.
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
-    def flops_per_token(self):
-        """Training FLOPs per token (PaLM appendix B, as nanoGPT's estimate_mfu): 6 per
-        non-embedding-lookup weight plus the attention matmuls."""
+    def flops_per_token(self, context):
+        """Training FLOPs per token at this context length (PaLM appendix B, as nanoGPT's
+        estimate_mfu): 6 per weight (the position table aside) plus the attention matmuls."""
         n = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
-        c = self.cfg
-        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+        return 6 * n + 12 * self.cfg.n_layer * self.cfg.n_embd * context
 
 
 # -----------------------------------------------------------------------------
-# Schedule and evaluation
+# The optimizer: reg.build_optimizer routes the weights; the schedule scales its lr
 # -----------------------------------------------------------------------------
 
 def lr_factor(step, args):
@@ -429,6 +413,167 @@ def lr_factor(step, args):
     return 1.0 - (1.0 - args.min_lr_ratio) * progress
 
 
+def inspect_matrix(opt, p):
+    """reg.matrix_stats of a weight's momentum and of the update direction the optimizer
+    would apply to it now, computed on copies: inspecting never changes the run."""
+    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    state, (m, n) = opt.state.get(p, {}), reg.matrix_shape(p)
+    if isinstance(opt, reg.MatrixOptimizer) and "momentum_buffer" in state:
+        momentum = state["momentum_buffer"].reshape(m, n).float()
+        copies = [{k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}]
+        update = opt.direction(momentum[None].clone(), copies, group)[0]
+    elif "exp_avg" in state:  # AdamW: the bias-corrected m / (sqrt(v) + eps)
+        (beta1, beta2), step = group["betas"], float(state["step"])
+        momentum = state["exp_avg"].reshape(m, n).float()
+        v_hat = state["exp_avg_sq"].reshape(m, n).float() / (1 - beta2 ** step)
+        update = momentum / (1 - beta1 ** step) / (v_hat.sqrt() + group["eps"])
+    else:
+        return None
+    return dict(momentum=reg.matrix_stats(momentum), update=reg.matrix_stats(update))
+
+
+# -----------------------------------------------------------------------------
+# One run: set up (or resume), train, evaluate, checkpoint
+# -----------------------------------------------------------------------------
+
+def write_atomic(path, text):
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous file whole
+
+
+def load_checkpoint(path, what):
+    path = Path(path) / "ckpt.pt" if Path(path).is_dir() else Path(path)
+    if not path.is_file():
+        raise ReportedError(f"{what} {path}: no checkpoint there")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ReportedError(f"{what} {path}: not a readable checkpoint ({e})") from None
+
+
+def model_config(args, meta, init):
+    """The model's shape: from the --init-from checkpoint when fine-tuning, else the flags."""
+    if init:
+        return GPTConfig(**{**init["model_config"], "dropout": args.dropout})
+    return GPTConfig(vocab_size=math.ceil(meta["n_vocab"] / 64) * 64, block_size=args.block_size,
+                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+
+
+def write_record(run, finished):
+    """run.json: who the run is, its settings and, once finished, its results.csv row. A
+    fine-tuning run with --also-eval gets its forgetting: how much the other data's val
+    loss rose from step 0."""
+    args = run.args
+    record = dict(script="train_gpt", run=run.dir.name, optimizer=run.name, lr=run.lr, seed=run.seed,
+                  settings={k: v for k, v in vars(args).items() if k not in NOT_SETTINGS},
+                  finished=finished, metric="final_val", lower_is_better=True,
+                  curve=["tokens", "val_loss"], also_curve="also_val_loss" if args.also_eval else None)
+    if finished:
+        first, last = run.log[0], run.log[-1]
+        record["summary"] = dict(optimizer=run.name, lr=run.lr, seed=run.seed, final_val=last["val_loss"],
+                                 best_val=run.best_val, final_train=last["train_loss"], steps=last["step"],
+                                 tokens=last["tokens"], time=round(run.elapsed, 1))
+        if "also_val_loss" in last:
+            record["summary"]["also_val"] = last["also_val_loss"]
+            if first["step"] == 0:
+                record["summary"]["forgetting"] = last["also_val_loss"] - first["also_val_loss"]
+    write_atomic(run.dir / "run.json", json.dumps(record, indent=1))
+
+
+def start(args, name, lr, seed, data, run_dir, resume):
+    """Everything a run needs, fresh (the same initial weights for every optimizer of one
+    seed) or restored from its checkpoint: model, optimizer, data, log and counters."""
+    splits, meta, also_val = data
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resumed = load_checkpoint(run_dir, "--resume") if resume else None
+    init = load_checkpoint(args.init_from, "--init-from") if args.init_from and not resumed else None
+    torch.manual_seed(seed)
+    cfg = GPTConfig(**resumed["model_config"]) if resumed else model_config(args, meta, init)
+    model = GPT(cfg).to(args.device)
+    if init:
+        model.load_state_dict(init["model"])
+    opt = reg.build_optimizer(name, model, lr=lr, weight_decay=args.weight_decay)
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]  # the schedule scales this
+    run = SimpleNamespace(args=args, name=name, lr=lr, seed=seed, dir=run_dir, cfg=cfg, model=model,
+                          net=torch.compile(model) if args.compile else model, opt=opt, init=init,
+                          step=0, best_val=math.inf, elapsed=0.0, log=[])
+    run.train_batches = Batches(splits["train"], args.batch_size, args.block_size, args.device, seed)
+    run.val_batches = [Batches(tokens, args.batch_size, args.block_size, args.device, seed).fixed(args.eval_batches)
+                       for tokens in (splits["val"], also_val) if tokens is not None]
+    named = dict(model.named_parameters())
+    run.tracked = {k: named[k] for k in args.track.split(",") if k}
+    run.autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
+                                  enabled=args.bf16 and args.device.startswith("cuda"))
+    run.tokens_per_step = args.batch_size * args.block_size * args.grad_accum
+    if resumed:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["optimizer"])
+        run.step, run.best_val, run.elapsed = resumed["step"], resumed["best_val"], resumed["elapsed"]
+        torch.set_rng_state(resumed["rng"]["torch"])
+        run.train_batches.generator.set_state(resumed["rng"]["data"])
+        if args.device.startswith("cuda") and resumed["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(resumed["rng"]["cuda"], args.device)
+        lines = (run_dir / "log.jsonl").read_text().splitlines()
+        run.log = [e for e in map(json.loads, lines) if e["step"] <= run.step]  # the rest is redone
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in run.log))
+    if args.compile:
+        reg.use_compiled_math()
+    write_record(run, finished=False)
+    return run
+
+
+def train(args, name, lr, seed, data, run_dir, resume=False):
+    """Train one model, writing its log, checkpoints and run.json; returns its log."""
+    run = start(args, name, lr, seed, data, run_dir, resume)
+    model, opt = run.model, run.opt
+    flops_per_step = model.flops_per_token(args.block_size) * run.tokens_per_step
+    if run.init and run.step == 0:  # where fine-tuning starts from, on both data sets
+        evaluate_and_save(run, 0, None)  # no training loss yet: null in the log
+    bar = tqdm(range(run.step, args.max_steps), initial=run.step, total=args.max_steps,
+               desc=f"{name} lr={lr:g} seed={seed}", dynamic_ncols=True, disable=args.quiet)
+    pending, t_last, step_last = [], time.perf_counter(), run.step
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(step, args)
+        loss_sum = torch.zeros((), device=args.device)
+        for _ in range(args.grad_accum):
+            x, y = run.train_batches.next()
+            with run.autocast:
+                loss = run.net(x, y) / args.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        pending.append(loss_sum)  # read every log_every steps: one device sync per interval
+
+        done = step + 1
+        is_eval = done % args.eval_every == 0 or done == args.max_steps
+        if done % args.log_every == 0 or is_eval:
+            losses = torch.stack(pending).tolist()
+            check_finite(losses, done, run, bar)
+            pending, now = [], time.perf_counter()
+            run.elapsed += now - t_last
+            speed = (done - step_last) / (now - t_last)
+            t_last, step_last = now, done
+            postfix = dict(loss=f"{losses[-1]:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
+                           tok_s=f"{speed * run.tokens_per_step:,.0f}")
+            if args.peak_tflops:
+                postfix["mfu"] = f"{speed * flops_per_step / (args.peak_tflops * 1e12):.1%}"
+            bar.set_postfix(postfix)
+        if is_eval:
+            evaluate_and_save(run, done, losses[-1])
+            t_last = time.perf_counter()  # evaluation and saving are not training time
+    bar.close()
+    write_record(run, finished=True)
+    print(f"{name} lr={lr:g} seed={seed}: final val loss {run.log[-1]['val_loss']:.4f} "
+          f"(best {run.best_val:.4f}), {run.elapsed:.1f}s of training")
+    return run.log
+
+
 @torch.no_grad()
 def evaluate(model, batches, autocast):
     model.eval()
@@ -440,490 +585,262 @@ def evaluate(model, batches, autocast):
     return torch.stack(losses).mean().item()
 
 
-def inspect_matrix(opt, p):
-    """reg.matrix_stats of a weight's momentum and of the update direction the optimizer
-    would apply to it now, computed on copies: inspecting never changes the run."""
-    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-    state = opt.state.get(p, {})
-    m, n = reg.matrix_shape(p)
-    if isinstance(opt, reg.MatrixOptimizer) and "momentum_buffer" in state:
-        momentum = state["momentum_buffer"].reshape(m, n).float()
-        copies = [{k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}]
-        update = opt.direction(momentum[None].clone(), copies, group)[0]
-    elif "exp_avg" in state:  # AdamW: the bias-corrected m / (sqrt(v) + eps)
-        beta1, beta2 = group["betas"]
-        step = float(state["step"])
-        momentum = state["exp_avg"].reshape(m, n).float()
-        v_hat = state["exp_avg_sq"].reshape(m, n).float() / (1 - beta2 ** step)
-        update = momentum / (1 - beta1 ** step) / (v_hat.sqrt() + group["eps"])
-    else:
-        return None
-    return dict(momentum=reg.matrix_stats(momentum), update=reg.matrix_stats(update))
+def evaluate_and_save(run, step, train_loss):
+    """One log line (val loss, also-eval loss, tracked weights), then a checkpoint."""
+    entry = dict(step=step, train_loss=train_loss, lr=run.opt.param_groups[0]["lr"],
+                 time=round(run.elapsed, 3), tokens=step * run.tokens_per_step)
+    for key, batches in zip(("val_loss", "also_val_loss"), run.val_batches):
+        entry[key] = evaluate(run.net, batches, run.autocast)
+    if run.tracked:
+        entry["track"] = {k: inspect_matrix(run.opt, p) for k, p in run.tracked.items()}
+    run.log.append(entry)
+    with open(run.dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    if step:
+        run.best_val = min(run.best_val, entry["val_loss"])
+        save_checkpoint(run, step)
+
+
+def check_finite(losses, done, run, bar):
+    bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+    if bad:
+        bar.close()
+        raise ReportedError(f"{run.name} lr={run.lr:g}: the loss became {losses[bad[0]]} at step "
+                            f"{done - len(losses) + bad[0] + 1}; stopped. The last good checkpoint is "
+                            f"{run.dir / 'ckpt.pt'} (lower --lr or raise --warmup-steps).")
+
+
+def save_checkpoint(run, step):
+    """ckpt.pt through a temporary name: a crash mid-write never replaces the last good
+    checkpoint with half of a new one. It holds everything an exact resume needs."""
+    device = torch.device(run.args.device)
+    rng = dict(torch=torch.get_rng_state(), data=run.train_batches.generator.get_state(),
+               cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    torch.save(dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), model_config=asdict(run.cfg),
+                    step=step, best_val=run.best_val, elapsed=run.elapsed, optimizer_name=run.name,
+                    lr=run.lr, seed=run.seed, args=vars(run.args), rng=rng), run.dir / "ckpt.pt.tmp")
+    os.replace(run.dir / "ckpt.pt.tmp", run.dir / "ckpt.pt")
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: atomic writes, exact resume
+# Command line: settings, checks, main
 # -----------------------------------------------------------------------------
 
-def save_atomic(obj, path):
-    """torch.save to a temporary name, then rename: a crash mid-write never replaces the
-    last good checkpoint with half of a new one."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: "error: argument --lr: ..."
+        self.exit(2, f"error: {message}\n")
 
 
-def load_checkpoint(path, what):
-    path = Path(path)
-    if path.is_dir():
-        path = path / "ckpt.pt"
-    if not path.is_file():
-        raise ReportedError(f"{what} {path}: no checkpoint there")
+def number(kind=float, low=0.0, high=math.inf, many=False):
+    """An argparse type: a finite number in [low, high] (or a comma list of them)."""
+    def parse(text):
+        try:
+            values = [kind(v) for v in text.split(",")] if many else [kind(text)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'comma list of ' if many else ''}"
+                                             f"{kind.__name__}") from None
+        if not all(math.isfinite(v) and low <= v <= high for v in values):
+            raise argparse.ArgumentTypeError(f"{text}: must be in [{low:g}, {high:g}]")
+        return values if many else values[0]
+    return parse
+
+
+def existing_path(text):
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or directory")
+    return text
+
+
+def folder_path(text):
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: exists and is not a folder")
+    return text
+
+
+def optimizer_list(text):
     try:
-        return torch.load(path, map_location="cpu", weights_only=False), path
-    except Exception as e:  # a truncated or foreign file
-        raise ReportedError(f"{what} {path}: not a readable checkpoint ({e})") from None
-
-
-def read_log(path, up_to_step):
-    """The log lines of steps <= up_to_step (a resumed run re-does the steps after its
-    checkpoint, so their lines are dropped and written again)."""
-    if not path.exists():
-        return []
-    return [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= up_to_step]
-
-
-# -----------------------------------------------------------------------------
-# One training run
-# -----------------------------------------------------------------------------
-
-def train(args, optimizer_name, lr, seed, splits, meta, run_dir, resume_from=None, also_val=None):
-    """Train one model; returns a summary dict. Raises ReportedError on a non-finite loss.
-    also_val: tokens of a second validation set (--also-eval), logged as also_val_loss."""
-    device = torch.device(args.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = run_dir / "ckpt.pt", run_dir / "log.jsonl"
-    resumed = load_checkpoint(resume_from, "--resume")[0] if resume_from else None
-    init = load_checkpoint(args.init_from, "--init-from")[0] if args.init_from and not resumed else None
-
-    # Same seed, same initial weights and same data order for every optimizer.
-    torch.manual_seed(seed)
-    if resumed:
-        cfg = GPTConfig(**resumed["model_config"])
-    elif init:
-        cfg = GPTConfig(**{**init["model_config"], "dropout": args.dropout})
-    else:
-        cfg = GPTConfig(vocab_size=math.ceil(meta["n_vocab"] / 64) * 64, block_size=args.block_size,
-                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                        dropout=args.dropout)
-    if init and init["args"].get("tokenizer", "gpt2") != args.tokenizer:
-        raise ReportedError(f"--init-from {args.init_from} was trained with --tokenizer "
-                            f"{init['args'].get('tokenizer', 'gpt2')}: pass the same --tokenizer")
-    if cfg.n_embd % cfg.n_head:
-        raise ReportedError(f"--n-embd {cfg.n_embd} must be divisible by --n-head {cfg.n_head}")
-    if meta["n_vocab"] > cfg.vocab_size:
-        raise ReportedError(f"the checkpoint's vocabulary ({cfg.vocab_size}) is smaller than the "
-                        f"tokenizer's ({meta['n_vocab']})")
-    if args.block_size > cfg.block_size:
-        raise ReportedError(f"--block-size {args.block_size} is longer than the model's context "
-                        f"({cfg.block_size})")
-    model = GPT(cfg).to(device)
-    if init:
-        model.load_state_dict(init["model"])
-    named = dict(model.named_parameters())
-    for name in args.track:
-        if name not in named or named[name].ndim < 2:
-            matrices = [k for k, v in named.items() if v.ndim >= 2 and k not in ("wte.weight", "wpe.weight")]
-            raise ReportedError(f"--track {name}: not a weight matrix of this model; try one of "
-                                f"{', '.join(matrices[:6])}, ...")
-    tracked = {name: named[name] for name in args.track}
-    opt = reg.build_optimizer(optimizer_name, model, lr=lr, weight_decay=args.weight_decay)
-    for group in opt.param_groups:
-        group["initial_lr"] = group["lr"]  # the schedule scales this
-    train_batches = Batches(splits["train"], args.batch_size, args.block_size, device, seed)
-    val_batches = Batches(splits["val"], args.batch_size, args.block_size, device, seed).fixed(args.eval_batches)
-    also_batches = (Batches(also_val, args.batch_size, args.block_size, device, seed).fixed(args.eval_batches)
-                    if also_val is not None else None)
-
-    start_step, best_val, elapsed = 0, math.inf, 0.0
-    if resumed:
-        model.load_state_dict(resumed["model"])
-        opt.load_state_dict(resumed["optimizer"])
-        start_step, best_val, elapsed = resumed["step"], resumed["best_val"], resumed["elapsed"]
-        torch.set_rng_state(resumed["rng"]["torch"])
-        train_batches.generator.set_state(resumed["rng"]["data"])
-        if device.type == "cuda" and resumed["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(resumed["rng"]["cuda"])
-        log_lines = read_log(log_path, start_step)
-        log_path.write_text("".join(line + "\n" for line in log_lines))
-    else:
-        log_path.write_text("")
-
-    if args.compile:
-        model = torch.compile(model)
-        reg.use_compiled_math()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and args.bf16
-                else torch.autocast("cpu", enabled=False))
-    tokens_per_step = args.batch_size * args.block_size * args.grad_accum
-    flops_per_step = (model._orig_mod if args.compile else model).flops_per_token() * tokens_per_step
-
-    def checkpoint(step):
-        save_atomic(dict(model=(model._orig_mod if args.compile else model).state_dict(),
-                         optimizer=opt.state_dict(), model_config=asdict(cfg), step=step,
-                         best_val=best_val, elapsed=elapsed, optimizer_name=optimizer_name,
-                         lr=lr, seed=seed, args=vars(args),
-                         rng=dict(torch=torch.get_rng_state(), data=train_batches.generator.get_state(),
-                                  cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)),
-                    ckpt_path)
-
-    def log(entry):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-
-    def log_eval(step, train_loss):
-        val_loss = evaluate(model, val_batches, autocast)
-        entry = dict(step=step, train_loss=train_loss, val_loss=val_loss, lr=opt.param_groups[0]["lr"],
-                     time=round(elapsed, 3), tokens=step * tokens_per_step)
-        if also_batches is not None:
-            entry["also_val_loss"] = evaluate(model, also_batches, autocast)
-        if tracked:
-            entry["track"] = {name: inspect_matrix(opt, p) for name, p in tracked.items()}
-        log(entry)
-        return entry
-
-    if init and start_step == 0:  # where fine-tuning starts from, on both data sets
-        log_eval(0, None)  # no training loss yet: null in the log
-
-    # Losses stay on the device and are read every log_every steps: reading one each step
-    # would make the CPU wait for the GPU every step.
-    pending = []
-    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps,
-               desc=f"{optimizer_name} lr={lr:g} seed={seed}", dynamic_ncols=True, disable=args.quiet)
-    t_last, step_last = time.perf_counter(), start_step
-    train_loss, val_loss, last_eval = float("nan"), float("nan"), {}
-    for step in bar:
-        factor = lr_factor(step, args)
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(args.grad_accum):
-            x, y = train_batches.next()
-            with autocast:
-                loss = model(x, y) / args.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        pending.append(loss_sum)
-
-        done = step + 1
-        is_eval = done % args.eval_every == 0 or done == args.max_steps
-        if done % args.log_every == 0 or is_eval:
-            losses = torch.stack(pending).tolist()  # the one sync of this interval
-            bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
-            if bad:
-                first = done - len(losses) + bad[0] + 1
-                bar.close()
-                raise ReportedError(f"{optimizer_name} lr={lr:g}: the loss became {losses[bad[0]]} at "
-                                f"step {first}; stopped. The last good checkpoint is {ckpt_path} "
-                                "(lower --lr or raise --warmup-steps).")
-            pending = []
-            train_loss = losses[-1]
-            now = time.perf_counter()
-            elapsed += now - t_last
-            steps_per_s = (done - step_last) / (now - t_last)
-            t_last, step_last = now, done
-            postfix = dict(loss=f"{train_loss:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
-                           tok_s=f"{steps_per_s * tokens_per_step:,.0f}")
-            if args.peak_tflops:
-                postfix["mfu"] = f"{steps_per_s * flops_per_step / (args.peak_tflops * 1e12):.1%}"
-            bar.set_postfix(postfix)
-        if is_eval:
-            last_eval = log_eval(done, train_loss)
-            val_loss = last_eval["val_loss"]
-            best_val = min(best_val, val_loss)
-            checkpoint(done)
-            t_last = time.perf_counter()  # evaluation and saving are not training time
-    bar.close()
-    print(f"{optimizer_name} lr={lr:g} seed={seed}: best val loss {best_val:.4f}, "
-          f"final {val_loss:.4f}, {elapsed:.1f}s of training")
-    return run_summary(optimizer_name, lr, seed, read_log(log_path, args.max_steps), best_val, elapsed)
-
-
-def run_summary(optimizer_name, lr, seed, log_lines, best_val, elapsed):
-    """One row of results.csv, from a run's log (its last step is always an eval). A
-    fine-tuning run with --also-eval also gets its forgetting: how much the other data's
-    val loss rose from step 0."""
-    first, last = json.loads(log_lines[0]), json.loads(log_lines[-1])
-    summary = dict(optimizer=optimizer_name, lr=lr, seed=seed, final_val=last["val_loss"],
-                   best_val=best_val, final_train=last["train_loss"], steps=last["step"],
-                   tokens=last["tokens"], time=round(elapsed, 1))
-    if "also_val_loss" in last:
-        summary["also_val"] = last["also_val_loss"]
-        if first["step"] == 0:
-            summary["forgetting"] = last["also_val_loss"] - first["also_val_loss"]
-    return summary
-
-
-# What may differ between the runs of one comparison; every other argument is a setting
-# that they must share (checked when a finished run is reused, or a folder summarized).
-NOT_SETTINGS = ("optimizer", "lr", "seed", "optimizers", "lrs", "seeds", "out_dir", "resume",
-                "summarize", "quiet", "log_every", "max_steps_given", "bpe_dir", "cache_dir",
-                "peak_tflops")
-
-
-def finished_run(run_dir, settings):
-    """A summary of the finished run in run_dir, "unfinished" for one that stopped early
-    (to be resumed), or None where there is none. A run made with other settings than
-    `settings` (an args dict) is an error: mixing it into a comparison would be a wrong
-    result."""
-    if not (run_dir / "ckpt.pt").exists():
-        return None
-    saved, _ = load_checkpoint(run_dir, "the earlier run in")
-    differences = reg.settings_differences(saved["args"], settings, NOT_SETTINGS)
-    if differences:
-        raise ReportedError(f"{run_dir} was run with other settings ({'; '.join(differences[:3])}); "
-                            "a folder holds one sweep: pass another --out-dir, or remove that run")
-    if saved["step"] < settings["max_steps"]:
-        return "unfinished"
-    return run_summary(saved["optimizer_name"], saved["lr"], saved["seed"],
-                       read_log(run_dir / "log.jsonl", saved["step"]), saved["best_val"], saved["elapsed"])
-
-
-# -----------------------------------------------------------------------------
-# Command line, compare mode, report
-# -----------------------------------------------------------------------------
-
-PRESETS = {  # model and run sizes; every value can still be set by its own flag
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=16, grad_accum=1,
-                 max_steps=300, warmup_steps=30, eval_every=50, eval_batches=8, lr=3e-3),
-    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, grad_accum=1,
-                  max_steps=1000, warmup_steps=100, eval_every=100, eval_batches=16, lr=2e-3),
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=16, grad_accum=8,
-                 max_steps=5000, warmup_steps=250, eval_every=250, eval_batches=20, lr=6e-4),
-}
+        return reg.optimizer_names(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--optimizer", default="reg",
-                   help=f"one name or a comma list to compare ({', '.join(reg.OPTIMIZERS)})")
-    p.add_argument("--lr", default=None, help="learning rate, or a comma list (default: the preset's)")
-    p.add_argument("--seed", default="0", help="seed, or a comma list; same seed = same init and data order")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="decoupled, all methods alike")
-    p.add_argument("--preset", choices=PRESETS, default=None,
-                   help="model/run size (default: gpt2 on CUDA, tiny elsewhere)")
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-                 "max_steps", "warmup_steps", "eval_every", "eval_batches"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help="overrides the preset")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout (0 for pre-training)")
-    p.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
-                   help="after warmup: cosine decay, or warmup-stable-decay")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / peak lr")
-    p.add_argument("--decay-fraction", type=float, default=0.2, help="wsd: share of steps spent decaying")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between progress updates")
-    p.add_argument("--data", default=None, help="local text instead of openwebtext-100k")
-    p.add_argument("--tokenizer", choices=["gpt2", "bytes"], default="gpt2",
-                   help="gpt2: GPT-2 BPE (nanoGPT); bytes: UTF-8 bytes, 257 symbols (small CPU "
-                        "runs in which the hidden matrices hold nearly all weights)")
-    p.add_argument("--bpe-dir", default=None, help="local GPT-2 encoder.json + vocab.bpe (offline)")
-    p.add_argument("--cache-dir", default="data", help="downloads and token caches")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out")
-    p.add_argument("--data-seed", type=int, default=1337, help="seed of the train/val split")
-    p.add_argument("--out-dir", default="out/gpt", help="runs, logs, checkpoints, plots")
-    p.add_argument("--resume", default=None, help="a run directory or ckpt.pt to continue")
-    p.add_argument("--summarize", default=None, metavar="DIR",
-                   help="train nothing: tabulate the finished runs in DIR (an --out-dir) per "
-                        "optimizer and lr, mean and spread over seeds, and plot the sweep")
-    p.add_argument("--init-from", default=None, help="start from a checkpoint's weights (fine-tuning)")
-    p.add_argument("--also-eval", default=None,
-                   help="also log the val loss on this data's val split (e.g. the pre-training data, "
-                        "to measure forgetting; same --val-fraction and --data-seed)")
-    p.add_argument("--track", default="",
-                   help="weight names (comma list, e.g. blocks.1.mlp.0.weight): log the condition "
-                        "number, stable rank and row-norm spread of their momentum and update")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="CUDA: no bfloat16 autocast")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model and reg's math")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="the device's peak for MFU (H100 SXM bf16 dense: 989)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-
-    args.track = [t.strip() for t in args.track.split(",") if t.strip()]
-    args.preset = args.preset or ("gpt2" if args.device.startswith("cuda") else "tiny")
-    args.max_steps_given = args.max_steps is not None  # --resume may extend a run
-    for key, value in PRESETS[args.preset].items():
-        if key != "lr" and getattr(args, key) is None:
-            setattr(args, key, value)
+    """The settings of this command: each flag given, else the preset's, else DEFAULTS;
+    with --resume, the run's own settings (see resumed_settings). All checked here, before
+    anything is written."""
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--optimizer", type=optimizer_list, help=f"a name or a comma list ({', '.join(reg.OPTIMIZERS)})")
+    add("--lr", type=number(many=True), help="learning rate or comma list (default: the preset's)")
+    add("--seed", type=number(int, 0, 2**32 - 1, many=True), help="seed or comma list: same seed, same init and data")
+    add("--weight-decay", type=number(), help="decoupled, the same for all methods (0.1)")
+    add("--preset", choices=PRESETS, help="model and run size (gpt2 on CUDA, tiny elsewhere)")
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps",
+                 "eval_every", "eval_batches"):
+        add("--" + name.replace("_", "-"), type=number(int, 1), help="overrides the preset")
+    add("--warmup-steps", type=number(int, 0), help="linear warmup steps; overrides the preset")
+    add("--dropout", type=number(float, 0, 0.99), help="dropout probability (0)")
+    add("--schedule", choices=["cosine", "wsd"], help="after warmup: cosine, or warmup-stable-decay")
+    add("--min-lr-ratio", type=number(float, 0, 1), help="final lr / peak lr (0.1)")
+    add("--decay-fraction", type=number(float, 0, 1), help="wsd: share of steps spent decaying (0.2)")
+    add("--grad-clip", type=number(), help="max gradient norm, 0: off (1.0)")
+    add("--log-every", type=number(int, 1), help="steps between progress updates (10)")
+    add("--data", type=existing_path, help="local text instead of openwebtext-100k (a file or folder)")
+    add("--tokenizer", choices=["gpt2", "bytes"], help="gpt2: GPT-2 BPE (nanoGPT); bytes: UTF-8 "
+        "bytes, 257 symbols: CPU runs in which the hidden matrices hold nearly all weights")
+    add("--bpe-dir", type=existing_path, help="local GPT-2 encoder.json + vocab.bpe (offline)")
+    add("--cache-dir", type=folder_path, help="downloads and token caches (data)")
+    add("--val-fraction", type=number(float, 1e-6, 0.99), help="share of documents held out (0.01)")
+    add("--data-seed", type=number(int, 0, 2**32 - 1), help="seed of the train/val split (1337)")
+    add("--out-dir", type=folder_path, help="runs, logs, checkpoints, tables (out/gpt)")
+    add("--resume", type=existing_path, help="a run folder (or its ckpt.pt) to continue: that run alone")
+    add("--init-from", type=existing_path, help="start from a checkpoint's weights (fine-tuning)")
+    add("--also-eval", type=existing_path, help="also log the val loss on this data's val split "
+        "(e.g. the pre-training data, to measure forgetting)")
+    add("--track", help="weight names, comma list: log the conditioning of their momentum and update")
+    add("--device", help="cuda, cuda:N or cpu (cuda when there is one)")
+    add("--bf16", action=argparse.BooleanOptionalAction, help="CUDA: bfloat16 autocast (on)")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile model and math (off)")
+    add("--peak-tflops", type=number(float, 1e-3), help="the device's peak, for MFU (known: A100, H100, H200)")
+    add("--quiet", action="store_true", default=None, help="no progress bar")
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     try:
-        args.optimizers, args.lrs, args.seeds = reg.parse_grid(
-            args.optimizer, args.lr or str(PRESETS[args.preset]["lr"]), args.seed)
+        args = resumed_settings(given) if "resume" in given else fresh_settings(given)
+        check_device(args.device)
+        if args.n_embd % args.n_head:
+            raise ValueError(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
+        if args.warmup_steps >= args.max_steps:
+            raise ValueError(f"--warmup-steps {args.warmup_steps} must be below --max-steps {args.max_steps}")
     except ValueError as e:
         p.error(str(e))
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-                "max_steps", "eval_every", "eval_batches", "log_every"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be >= 1")
-    if args.resume and (len(args.optimizers) > 1 or len(args.lrs) > 1 or len(args.seeds) > 1):
-        p.error("--resume continues one run: give one optimizer, lr and seed (or none)")
-    if not 0 < args.val_fraction < 1:
-        p.error("--val-fraction must be between 0 and 1")
     return args
 
 
-def report(summaries, out_dir):
-    """A table on stdout, results.csv, and a loss plot when matplotlib is there."""
-    also = "also_val" in summaries[0]
-    print(f"\n{'optimizer':<11}{'lr':>9}{'seed':>6}{'best val':>10}{'final val':>11}"
-          + (f"{'also-eval':>11}" if also else "") + f"{'time s':>9}")
-    for s in summaries:
-        print(f"{s['optimizer']:<11}{s['lr']:>9.2g}{s['seed']:>6}{s['best_val']:>10.4f}"
-              f"{s['final_val']:>11.4f}" + (f"{s['also_val']:>11.4f}" if also else "") + f"{s['time']:>9.1f}")
-    reg.write_csv(summaries, out_dir / "results.csv")
-    plt = reg.pyplot("loss.png")
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in summaries:
-        entries = [json.loads(l) for l in (out_dir / s["run"] / "log.jsonl").read_text().splitlines()]
-        tokens = [e["tokens"] for e in entries]
-        line, = ax.plot(tokens, [e["val_loss"] for e in entries],
-                        label=f"{s['optimizer']} lr={s['lr']:g} s{s['seed']}")
-        if also:  # the --also-eval data, dashed, in the same colour
-            ax.plot(tokens, [e["also_val_loss"] for e in entries], "--", color=line.get_color(),
-                    label=f"{s['optimizer']} on --also-eval data")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("validation loss" + (" (dashed: --also-eval data)" if also else ""))
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    reg.save_figure(plt, fig, out_dir / "loss.png")
-    plot_track(summaries, out_dir, plt)
+def fresh_settings(given):
+    device = given.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = PRESETS[given.get("preset") or ("gpt2" if device.startswith("cuda") else "tiny")]
+    args = argparse.Namespace(**{**DEFAULTS, **preset, "lr": [preset["lr"]], "device": device,
+                                 **{k: None for k in ("data", "bpe_dir", "init_from", "also_eval",
+                                                      "peak_tflops", "resume")}, **given})
+    if args.warmup_steps >= args.max_steps and "warmup_steps" not in given:
+        short = max(1, args.max_steps // 10)  # a run must leave its warmup
+        print(f"note: the preset's {args.warmup_steps} warmup steps do not fit in --max-steps "
+              f"{args.max_steps}: warming up for {short} (pass --warmup-steps to choose)")
+        args.warmup_steps = short
+    return args
 
 
-def plot_track(summaries, out_dir, plt):
-    """track.png: per tracked weight, the condition number and row-norm spread of each run's
-    update (solid) and momentum (dashed) through training: where each method balances."""
-    logs = {s["run"]: [json.loads(l) for l in (out_dir / s["run"] / "log.jsonl").read_text().splitlines()]
-            for s in summaries}
-    names = sorted({n for entries in logs.values() for e in entries for n in e.get("track", {})})
-    if not names:
-        return
-    fig, axes = plt.subplots(len(names), 2, figsize=(11, 3.6 * len(names)), squeeze=False)
-    for row, name in zip(axes, names):
-        for s in summaries:
-            points = [(e["tokens"], e["track"][name]) for e in logs[s["run"]] if e.get("track", {}).get(name)]
-            tokens = [t for t, _ in points]
-            for ax, stat in zip(row, ("cond", "row_spread")):
-                line, = ax.plot(tokens, [x["update"][stat] for _, x in points], label=s["optimizer"])
-                ax.plot(tokens, [x["momentum"][stat] for _, x in points], ":", color=line.get_color())
-        for ax, title in zip(row, ("condition number", "row-norm spread (max/min)")):
-            ax.set_yscale("log")
-            ax.set_title(f"{name}: {title}", fontsize=9)
-            ax.set_xlabel("tokens")
-            ax.grid(alpha=0.3)
-        row[0].legend(fontsize=8, title="update (solid), momentum (dotted)", title_fontsize=8)
-    reg.save_figure(plt, fig, out_dir / "track.png")
+def resumed_settings(given):
+    saved = load_checkpoint(given["resume"], "--resume")
+    args = resumed(given, saved["args"], RESUME_MAY_SET)
+    args.optimizer, args.lr, args.seed = [saved["optimizer_name"]], [saved["lr"]], [saved["seed"]]
+    if args.max_steps <= saved["step"]:
+        raise ValueError(f"--resume {given['resume']}: the run is at step {saved['step']} of "
+                         f"{args.max_steps}; pass --max-steps above {saved['step']} to train it further")
+    return args
 
 
-def summarize(folder):
-    """--summarize: the lr sweep of every finished run in a folder, as a table (mean and
-    spread of the final val loss over seeds at each lr), sweep.csv and sweep.png; then results.csv and
-    loss.png of the runs at each optimizer's best lr."""
-    folder = Path(folder)
-    run_dirs = sorted(path.parent for path in folder.glob("*/ckpt.pt"))
-    if not run_dirs:
-        raise ReportedError(f"--summarize {folder}: no finished runs there (each run folder holds a ckpt.pt)")
-    settings = load_checkpoint(run_dirs[0], "--summarize")[0]["args"]
-    runs = []
-    for run_dir in run_dirs:
-        summary = finished_run(run_dir, settings)
-        if summary == "unfinished":
-            print(f"{run_dir.name}: unfinished, left out")
-        else:
-            runs.append(dict(summary, run=run_dir.name))
-    if not runs:
-        raise ReportedError(f"--summarize {folder}: every run there is unfinished")
-    table = reg.summarize_sweep(runs, "final_val")
-    reg.write_sweep(table, folder, "final val loss")
-    best = {(row["optimizer"], row["lr"]) for row in table if row["best"]}
-    if "forgetting" in runs[0]:
-        plot_forgetting(runs, table, folder)
-    report([r for r in runs if (r["optimizer"], r["lr"]) in best], folder)
+def resumed(given, saved_args, may_set):
+    """--resume RUN: the run's own settings; only the flags in `may_set` may change."""
+    changed = sorted(k for k in given if k not in may_set + ("resume",) and given[k] != saved_args.get(k))
+    if changed:
+        raise ValueError(f"--{changed[0].replace('_', '-')} cannot change when resuming (the run "
+                         f"continues with its own settings); --resume may set: "
+                         + ", ".join("--" + k.replace("_", "-") for k in may_set))
+    args = argparse.Namespace(**{**saved_args, **given})
+    args.resume = str(Path(given["resume"]).parent if Path(given["resume"]).is_file() else given["resume"])
+    if args.device.startswith("cuda") and not torch.cuda.is_available() and "device" not in given:
+        raise ValueError(f"the run was trained on {args.device} and CUDA is not available here: "
+                         "pass --device cpu to continue it on the CPU")
+    return args
 
 
-def plot_forgetting(runs, table, folder):
-    """Fine-tuning sweeps: forgetting at each optimizer's best lr, and forgetting.png, the
-    trade-off across lrs. A larger lr learns the new data faster and forgets more, so
-    optimizers are best compared along these curves (down and left is better), not at one
-    point each."""
-    forgetting = {(r["optimizer"], r["lr"]): r for r in reg.summarize_sweep(runs, "forgetting")}
-    print(f"\n{'optimizer':<11}{'best lr':>9}  forgetting (mean +- std)")
-    for row in table:
-        if row["best"]:
-            f = forgetting[row["optimizer"], row["lr"]]
-            print(f"{row['optimizer']:<11}{row['lr']:>9.3g}  {f['mean']:+.4f} +- {f['std']:.4f}")
-    plt = reg.pyplot("forgetting.png")
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in dict.fromkeys(row["optimizer"] for row in table):
-        rows = [row for row in table if row["optimizer"] == name]
-        line, = ax.plot([r["mean"] for r in rows], [forgetting[name, r["lr"]]["mean"] for r in rows],
-                        marker=".", label=name)
-        best = next(r for r in rows if r["best"])
-        ax.plot(best["mean"], forgetting[name, best["lr"]]["mean"], "o", mfc="none", ms=10,
-                color=line.get_color())
-    ax.set_xlabel("final val loss on the new data (points: lrs; ring: best lr)")
-    ax.set_ylabel("forgetting: rise of the --also-eval val loss")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    reg.save_figure(plt, fig, folder / "forgetting.png")
+def check_device(text):
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text}: this script runs on cpu or cuda")
+
+
+def check_folder(args, not_settings=NOT_SETTINGS):
+    """A folder holds runs of one setting: a run there with other settings is an error
+    (never mixed in), named with what differs. Returns {run name: finished?}."""
+    settings = {k: v for k, v in vars(args).items() if k not in not_settings}
+    runs = {}
+    for path in sorted(Path(args.out_dir).glob("*/run.json")):
+        record = json.loads(path.read_text())
+        differences = summarize.settings_differences(record["settings"], settings)
+        if differences:
+            raise ReportedError(f"{path.parent} was run with other settings ({'; '.join(differences[:3])}); "
+                                "a folder holds one sweep: pass another --out-dir")
+        runs[path.parent.name] = record["finished"]
+    return runs
+
+
+def check_model(args, meta):
+    """What needs the model's shape, checked on a weightless copy before anything is written."""
+    init = load_checkpoint(args.init_from, "--init-from") if args.init_from else None
+    if init and init["args"].get("tokenizer", "gpt2") != args.tokenizer:
+        raise ReportedError(f"--init-from {args.init_from} was trained with --tokenizer "
+                            f"{init['args'].get('tokenizer', 'gpt2')}: pass the same --tokenizer")
+    cfg = model_config(args, meta, init)
+    if meta["n_vocab"] > cfg.vocab_size or args.block_size > cfg.block_size:
+        raise ReportedError(f"--init-from {args.init_from}: its model ({cfg.vocab_size} tokens, context "
+                            f"{cfg.block_size}) does not fit this data and --block-size {args.block_size}")
+    with torch.device("meta"):
+        named = dict(GPT(cfg).named_parameters())
+    matrices = [k for k, v in named.items() if v.ndim >= 2 and k not in ("wte.weight", "wpe.weight")]
+    for name in filter(None, args.track.split(",")):
+        if name not in matrices:
+            raise ReportedError(f"--track {name}: not a weight matrix of this model; try one of "
+                                f"{', '.join(matrices[:6])}, ...")
+
+
+def describe(args, meta):
+    """What this run will do, printed once: data, epochs, precision, MFU's reference."""
+    tokens = args.max_steps * args.batch_size * args.block_size * args.grad_accum
+    epochs = tokens / meta["train_tokens"]
+    print(f"data: {meta['train_tokens']:,} training tokens; a run: {args.max_steps} steps x "
+          f"{args.batch_size * args.block_size * args.grad_accum:,} tokens = {tokens:,} = {epochs:.2f} epochs")
+    if epochs > 1:
+        print(f"warning: each run sees its training data {epochs:.1f} times: past one epoch, a "
+              "comparison measures memorization as much as optimization")
+    if args.device.startswith("cuda"):
+        name = torch.cuda.get_device_name(args.device)
+        peaks = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense bf16 TFLOPS
+        peak = next((v for k, v in peaks.items() if k in name), None)
+        if args.peak_tflops is None and peak:
+            args.peak_tflops = peak if args.bf16 else peak / 2  # TF32 runs at half the bf16 peak
+        print(f"device: {name}, {'bfloat16 autocast' if args.bf16 else 'TF32'}; MFU against "
+              + (f"{args.peak_tflops:g} TFLOPS" if args.peak_tflops else "nothing (pass --peak-tflops)"))
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        if args.summarize:
-            return summarize(args.summarize)
-        if args.resume:  # the run continues with the settings it was started with
-            saved, _ = load_checkpoint(args.resume, "--resume")
-            keep = dict(resume=args.resume, quiet=args.quiet,
-                        max_steps=args.max_steps if args.max_steps_given else saved["args"]["max_steps"])
-            args = argparse.Namespace(**{**vars(args), **saved["args"], **keep})
-        out_dir = Path(args.out_dir)
-        splits, meta = load_data(args)
-        also_val = None
-        if args.also_eval:
-            also_val = load_data(argparse.Namespace(**{**vars(args), "data": args.also_eval}))[0]["val"]
-        summaries = []
-        for name, lr, seed in itertools.product(args.optimizers, args.lrs, args.seeds):
-            run = f"{name}-lr{lr:g}-s{seed}"
-            resume_from = args.resume
-            if resume_from:
-                saved, _ = load_checkpoint(resume_from, "--resume")
-                name, lr, seed = saved["optimizer_name"], saved["lr"], saved["seed"]
-                run_dir = Path(resume_from) if Path(resume_from).is_dir() else Path(resume_from).parent
-                run = run_dir.name
-                out_dir = run_dir.parent
-            else:  # a sweep that was interrupted, or extended, redoes nothing that is done
-                earlier = finished_run(out_dir / run, vars(args))
-                if isinstance(earlier, dict):
-                    print(f"{run}: finished earlier with these settings; reusing it")
-                    summaries.append(dict(earlier, run=run))
-                    continue
-                if earlier == "unfinished":
-                    print(f"{run}: stopped early; resuming it")
-                    resume_from = out_dir / run
-            summary = train(args, name, lr, seed, splits, meta, out_dir / run, resume_from, also_val)
-            summaries.append(dict(summary, run=run))
-        report(summaries, out_dir)
-    except ReportedError as e:
+        args = parse_args(argv)
+        if args.device.startswith("cuda"):  # float32 matmuls on tensor cores (TF32), as nanoGPT
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        runs = {} if args.resume else check_folder(args)
+        splits, meta = load_data(args, args.data)
+        also_val = load_data(args, args.also_eval)[0]["val"] if args.also_eval else None
+        check_model(args, meta)
+        describe(args, meta)
+        out_dir = Path(args.resume).parent if args.resume else Path(args.out_dir)
+        for name, lr, seed in itertools.product(args.optimizer, args.lr, args.seed):
+            run_dir = Path(args.resume) if args.resume else out_dir / f"{name}-lr{lr:g}-s{seed}"
+            if runs.get(run_dir.name):
+                print(f"{run_dir.name}: finished earlier with these settings; reusing it")
+                continue
+            resume = (run_dir / "ckpt.pt").exists()
+            if resume and not args.resume:
+                print(f"{run_dir.name}: stopped early; resuming it")
+            train(args, name, lr, seed, (splits, meta, also_val), run_dir, resume)
+        summarize.report(out_dir, strict=False)
+    except (ReportedError, summarize.SweepError) as e:
         sys.exit(f"error: {e}")
 
 
