@@ -696,14 +696,14 @@ def time_steps(optimizer, device, steps, warmup, label):
 
 
 def benchmark(device="cpu", dtype=torch.float32, blocks=12, steps=5, warmup=2,
-              compile_math=False, torch_muon_blocks=None):
+              compile_math=False, torch_muon_blocks=None, width=768, vocab=50257):
     """Seconds per step and state size of every optimizer on a GPT-2-small-shaped
     parameter set, as ratios to torch.optim.AdamW in its fastest form here (foreach or
     fused); then Muon against torch.optim.Muon on the hidden matrices alone (it takes
     nothing else), whose Newton-Schulz always runs in bfloat16."""
     if compile_math:
         use_compiled_math()
-    model = gpt2_small_params(blocks, device=device, dtype=dtype)
+    model = gpt2_small_params(blocks, width, vocab, device=device, dtype=dtype)
     groups = param_groups(model)
     n_matrix = sum(p.numel() for g in groups if not g["use_adamw"] for p in g["params"])
     print(f"device {device}, {str(dtype)[6:]} parameters, {blocks} blocks: "
@@ -726,7 +726,7 @@ def benchmark(device="cpu", dtype=torch.float32, blocks=12, steps=5, warmup=2,
         rows.append((name, time_steps(opt, device, steps, warmup, name), state_megabytes(opt)))
     for label, t, mb in rows:
         print(f"{label:<22}{t * 1e3:>10.1f}{t / baseline[1]:>9.2f}{mb:>10.1f}{mb / baseline[2]:>9.2f}")
-    sub = gpt2_small_params(torch_muon_blocks or blocks, device=device, dtype=dtype)
+    sub = gpt2_small_params(torch_muon_blocks or blocks, width, vocab, device=device, dtype=dtype)
     matrices = [p for g in param_groups(sub) if not g["use_adamw"] for p in g["params"]]
     t_ref = time_steps(torch.optim.Muon(matrices, adjust_lr_fn="match_rms_adamw"), device,
                        steps, warmup, "torch.optim.Muon")
@@ -750,11 +750,13 @@ if __name__ == "__main__":
     parser.add_argument("--compile", action="store_true", help="torch.compile the math (use_compiled_math)")
     parser.add_argument("--torch-muon-blocks", type=int, default=None,
                         help="blocks for the torch.optim.Muon comparison (default: --blocks)")
+    parser.add_argument("--width", type=int, default=768, help="model width (GPT-2 small: 768)")
+    parser.add_argument("--vocab", type=int, default=50257, help="vocabulary (GPT-2: 50257)")
     args = parser.parse_args()
-    if min(args.blocks, args.steps, args.torch_muon_blocks or 1) < 1 or args.warmup < 0:
-        parser.error("--blocks, --steps and --torch-muon-blocks must be >= 1, --warmup >= 0")
+    if min(args.blocks, args.steps, args.width, args.vocab, args.torch_muon_blocks or 1) < 1 or args.warmup < 0:
+        parser.error("--blocks, --steps, --width, --vocab and --torch-muon-blocks must be >= 1, --warmup >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     torch.manual_seed(0)
     benchmark(args.device, getattr(torch, args.dtype), args.blocks, args.steps, args.warmup,
-              args.compile, args.torch_muon_blocks)
+              args.compile, args.torch_muon_blocks, args.width, args.vocab)

@@ -1326,3 +1326,224 @@ def test_cifar_sweep_reuses_finished_runs_and_summarizes_accuracy(tmp_path, monk
         assert max(mine, key=lambda r: float(r["mean"]))["best"] == "True"
     expect_error(cifar_args(tmp_path, folder, "cifar10", *sweep[:-1], "3"), "other settings", "epochs: 1 vs 3",
                  main=train_cifar.main)
+
+
+# -----------------------------------------------------------------------------
+# Both scripts: every bad value gives one clear line and leaves nothing behind; a
+# finished run changes only when it is resumed by name
+# -----------------------------------------------------------------------------
+
+def files_under(root):
+    return {p: p.stat().st_size for p in Path(root).rglob("*")}
+
+
+def bad_values(tmp_path, flags_with_paths):
+    """(flag, bad value, fragment of the expected error line) for the shared kinds of bad input."""
+    a_file = tmp_path / "a-file.txt"
+    a_file.write_text("not a folder, not a checkpoint")
+    missing = str(tmp_path / "missing")
+    cases = [("--lr", "-1e-3", "--lr"), ("--lr", "nan", "--lr"), ("--lr", "fast", "not a comma list"),
+             ("--seed", "-1", "--seed"), ("--seed", "x", "--seed"), ("--weight-decay", "-1", "--weight-decay"),
+             ("--weight-decay", "inf", "--weight-decay"), ("--optimizer", "lion", "unknown optimizer lion"),
+             ("--device", "gpu", "--device gpu"), ("--out-dir", str(a_file), "not a folder"),
+             ("--cache-dir", str(a_file), "not a folder"), ("--resume", missing, "no such file")]
+    if not torch.cuda.is_available():
+        cases.append(("--device", "cuda", "CUDA is not available"))
+    return cases + [(flag, missing if value == "missing" else str(a_file), fragment)
+                    for flag, value, fragment in flags_with_paths]
+
+
+def test_train_gpt_every_bad_flag_value_gives_one_line_and_writes_nothing(tmp_path, bpe):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    base = gpt_args(tmp_path, data, bpe, "--out-dir", str(tmp_path / "never"))
+    train_gpt.main(gpt_args(tmp_path, data, bpe, "--max-steps", "2", "--eval-every", "2", "--warmup-steps", "1",
+                            "--out-dir", str(tmp_path / "first"), "--optimizer", "adamw"))  # fills the cache
+    cases = bad_values(tmp_path, [("--data", "missing", "no such file"), ("--bpe-dir", "missing", "no such file"),
+                                  ("--init-from", "missing", "no such file"), ("--also-eval", "missing", "no such file"),
+                                  ("--init-from", "a-file", "not a readable checkpoint")])
+    cases += [(f"--{flag}", "0", f"--{flag}") for flag in ("n-layer", "n-head", "n-embd", "block-size", "batch-size",
+                                                           "grad-accum", "max-steps", "eval-every", "eval-batches",
+                                                           "log-every")]
+    cases += [("--n-embd", "31", "divisible by --n-head"), ("--warmup-steps", "-1", "--warmup-steps"),
+              ("--warmup-steps", "500", "must be below --max-steps"), ("--dropout", "1.5", "--dropout"),
+              ("--min-lr-ratio", "2", "--min-lr-ratio"), ("--decay-fraction", "-0.1", "--decay-fraction"),
+              ("--grad-clip", "-1", "--grad-clip"), ("--val-fraction", "0", "--val-fraction"),
+              ("--val-fraction", "1", "--val-fraction"), ("--data-seed", "-1", "--data-seed"),
+              ("--peak-tflops", "0", "--peak-tflops"), ("--preset", "huge", "--preset"),
+              ("--schedule", "linear", "--schedule"), ("--tokenizer", "chars", "--tokenizer"),
+              ("--track", "blocks.0.nope", "--track blocks.0.nope: not a weight matrix")]
+    before = files_under(tmp_path)
+    for flag, value, fragment in cases:
+        expect_error(base + [flag, value], fragment)
+        assert files_under(tmp_path) == before, (flag, value)
+
+
+def test_train_cifar_every_bad_flag_value_gives_one_line_and_writes_nothing(tmp_path):
+    folder = write_cifar(tmp_path / "src", "cifar10", n_train=100, n_test=50)
+    base = cifar_args(tmp_path, folder, "cifar10", "--out-dir", str(tmp_path / "never"))
+    cases = bad_values(tmp_path, [("--data-dir", "missing", "no such file"), ("--data-dir", "a-file", "not a folder")])
+    cases += [(f"--{flag}", "0", f"--{flag}") for flag in ("width", "epochs", "batch-size", "subset")]
+    cases += [("--warmup-epochs", "-1", "--warmup-epochs"), ("--warmup-epochs", "50", "must be below --epochs"),
+              ("--label-smoothing", "1.5", "--label-smoothing"), ("--dataset", "cifar1000", "--dataset"),
+              ("--net", "vgg", "--net")]
+    before = files_under(tmp_path)
+    for flag, value, fragment in cases:
+        expect_error(base + [flag, value], fragment, main=train_cifar.main)
+        assert files_under(tmp_path) == before, (flag, value)
+
+
+def file_bytes(run_dir):
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
+
+
+def results_rows(folder):
+    header, *rows = (folder / "results.csv").read_text().splitlines()
+    return [dict(zip(header.split(","), row.split(","))) for row in rows]
+
+
+def test_train_gpt_resume_continues_one_run_of_a_folder_and_keeps_every_other_run(tmp_path, bpe):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    sweep = ["--lr", "1e-2", "--max-steps", "6", "--eval-every", "3"]
+    train_gpt.main(gpt_args(tmp_path, data, bpe, *sweep, "--optimizer", "adamw,reg"))
+    out = tmp_path / "out"
+    adamw = file_bytes(out / "adamw-lr0.01-s0")
+    train_gpt.main(gpt_args(tmp_path, data, bpe, *sweep, "--optimizer", "adamw,reg"))  # reused as is
+    train_gpt.main(gpt_args(tmp_path, data, bpe, *sweep, "--optimizer", "muon"))       # joins the folder
+    expect_error(gpt_args(tmp_path, data, bpe, *sweep[:-4], "--max-steps", "8", "--optimizer", "muon"),
+                 "other settings", "max_steps: 6 vs 8")                                 # refused
+    expect_error(["--resume", str(out / "reg-lr0.01-s0"), "--lr", "0.5"], "--lr cannot change when resuming")
+    expect_error(["--resume", str(out / "reg-lr0.01-s0")], "at step 6 of 6", "--max-steps above 6")
+    train_gpt.main(["--resume", str(out / "reg-lr0.01-s0"), "--max-steps", "9", "--quiet"])
+    assert file_bytes(out / "adamw-lr0.01-s0") == adamw
+    assert [e["step"] for e in read_run_log(tmp_path, "reg-lr0.01-s0")] == [3, 6, 9]
+    rows = {r["optimizer"]: r for r in results_rows(out)}
+    assert set(rows) == {"adamw", "reg", "muon"} and rows["reg"]["steps"] == "9" and rows["adamw"]["steps"] == "6"
+
+
+def test_train_cifar_resume_continues_one_run_of_a_folder_and_keeps_every_other_run(tmp_path):
+    folder = write_cifar(tmp_path / "src", "cifar10", n_train=100, n_test=50)
+    train_cifar.main(cifar_args(tmp_path, folder, "cifar10", "--optimizer", "adamw,muon", "--epochs", "2",
+                                "--warmup-epochs", "0.5"))
+    out = tmp_path / "out"
+    adamw = file_bytes(out / "cifar10-small-adamw-lr0.003-s0")
+    train_cifar.main(["--resume", str(out / "cifar10-small-muon-lr0.003-s0"), "--epochs", "3", "--quiet"])
+    assert file_bytes(out / "cifar10-small-adamw-lr0.003-s0") == adamw
+    rows = {r["optimizer"]: r for r in results_rows(out)}
+    assert rows["adamw"]["epochs"] == "2" and rows["muon"]["epochs"] == "3"
+
+
+def test_train_gpt_sizes_runs_to_their_data_and_their_warmup(tmp_path, bpe, capsys):
+    gpt2 = train_gpt.PRESETS["gpt2"]
+    tokens = gpt2["max_steps"] * gpt2["batch_size"] * gpt2["block_size"] * gpt2["grad_accum"]
+    assert 100e6 < tokens < 113e6  # about one epoch of openwebtext-100k (~113M training tokens)
+    args = train_gpt.parse_args(["--preset", "tiny", "--max-steps", "20", "--device", "cpu"])
+    assert args.warmup_steps == 2 and "warming up for 2" in capsys.readouterr().out
+    args.max_steps, args.device = 100, "cpu"
+    train_gpt.describe(args, dict(train_tokens=50_000))
+    out = capsys.readouterr().out
+    assert "102,400 = 2.05 epochs" in out and "warning: each run sees its training data 2.0 times" in out
+    args.max_steps = 10
+    train_gpt.describe(args, dict(train_tokens=50_000))
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_mfu_uses_the_known_peak_and_the_context_actually_trained():
+    assert train_gpt.known_peak_tflops("NVIDIA H100 80GB HBM3", bf16=True) == 989
+    assert train_gpt.known_peak_tflops("NVIDIA H100 PCIe", bf16=True) == 756
+    assert train_gpt.known_peak_tflops("NVIDIA A100-SXM4-80GB", bf16=False) == 156
+    assert train_gpt.known_peak_tflops("NVIDIA GeForce RTX 4090", bf16=True) is None
+    model = train_gpt.GPT(train_gpt.GPTConfig(vocab_size=64, block_size=128, n_layer=2, n_head=2, n_embd=32))
+    n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    assert model.flops_per_token(64) == 6 * n + 12 * 2 * 32 * 64  # the context trained, not the model's
+
+
+def test_train_gpt_resumes_a_cuda_run_on_the_cpu_when_told(tmp_path, bpe):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    common = ["--optimizer", "muon", "--lr", "1e-2", "--eval-every", "2", "--warmup-steps", "1"]
+    train_gpt.main(gpt_args(tmp_path, data, bpe, *common, "--max-steps", "4", "--out-dir", str(tmp_path / "straight")))
+    train_gpt.main(gpt_args(tmp_path, data, bpe, *common, "--max-steps", "2"))
+    run = tmp_path / "out" / "muon-lr0.01-s0"
+    saved = torch.load(run / "ckpt.pt", weights_only=False)  # as if saved on a GPU, compiled
+    saved["args"].update(device="cuda:0", compile=True)
+    saved["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(saved, run / "ckpt.pt")
+    if not torch.cuda.is_available():
+        expect_error(["--resume", str(run), "--max-steps", "4"], "trained on cuda:0", "--device cpu")
+    train_gpt.main(["--resume", str(run), "--max-steps", "4", "--device", "cpu", "--no-compile", "--quiet"])
+    straight = [json.loads(l) for l in (tmp_path / "straight" / "muon-lr0.01-s0" / "log.jsonl").read_text().splitlines()]
+    assert [e["val_loss"] for e in read_run_log(tmp_path, "muon-lr0.01-s0")] == [e["val_loss"] for e in straight]
+
+
+def test_benchmark_shows_progress_and_prints_every_optimizer():
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "reg.py"), "--device", "cpu", "--blocks", "1",
+                           "--width", "64", "--vocab", "100", "--steps", "1", "--warmup", "0"],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split()[0] for line in done.stdout.splitlines()[2:8]]
+    assert rows == ["torch", "reg", "muon", "muoneq-r", "muoneq-rc", "normuon"], done.stdout
+    assert "torch.optim.Muon" in done.stdout and "reg.Muon, NS in bfloat16" in done.stdout
+    for label in ("muon", "normuon", "torch.optim.Muon"):  # a progress bar for every timing
+        assert f"\n{label}: " in done.stderr or done.stderr.startswith(f"{label}: "), done.stderr
+
+
+# -----------------------------------------------------------------------------
+# CUDA: run only where a GPU is present (the commands of README "Checking a GPU")
+# -----------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none here")
+
+
+@needs_cuda
+def test_cuda_newton_schulz_in_bfloat16_follows_float32():
+    G, _, _ = matrix_with_spectrum(256, 128, torch.logspace(0, -2, 128), seed=14)
+    G = G.float().cuda()
+    X16, X32 = reg.newton_schulz(G), reg.newton_schulz(G, dtype=torch.float32)
+    assert X16.dtype == torch.float32  # computed in bfloat16 (the CUDA default), returned as G's dtype
+    assert ((X16 - X32).norm() / X32.norm()).item() < 0.05
+    s = torch.linalg.svdvals(X16.double())
+    assert s.min() > 0.5 and s.max() < 1.3
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_step_matches_the_cpu_step(name):
+    X, y = classification_problem()
+    cpu_model = mlp()
+    cuda_model = mlp().cuda()
+    cuda_model.load_state_dict(cpu_model.state_dict())
+    for model, X_, y_ in ((cpu_model, X, y), (cuda_model, X.cuda(), y.cuda())):
+        opt = reg.build_optimizer(name, model, lr=1e-2)
+        nn.functional.cross_entropy(model(X_), y_).backward()
+        opt.step()
+    # Newton-Schulz runs in bfloat16 on CUDA and float32 on a CPU: a few percent per step.
+    tolerance = 0.05 if name in ("muon", "muoneq-r", "muoneq-c", "muoneq-rc", "normuon") else 1e-4
+    start = mlp().state_dict()
+    for (key, a), b in zip(cpu_model.state_dict().items(), cuda_model.state_dict().values()):
+        step_cpu, step_cuda = a - start[key], b.cpu() - start[key]
+        assert ((step_cuda - step_cpu).norm() / step_cpu.norm()).item() < tolerance, (name, key)
+
+
+@needs_cuda
+def test_cuda_train_gpt_bf16_compile_and_resume(tmp_path, bpe):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    common = gpt_args(tmp_path, data, bpe, "--device", "cuda", "--compile", "--optimizer", "muon", "--lr", "1e-2",
+                      "--eval-every", "2", "--warmup-steps", "1")
+    train_gpt.main(common + ["--max-steps", "4", "--out-dir", str(tmp_path / "straight")])
+    train_gpt.main(common + ["--max-steps", "2"])
+    train_gpt.main(["--resume", str(tmp_path / "out" / "muon-lr0.01-s0"), "--max-steps", "4", "--quiet"])
+    straight = [json.loads(l) for l in (tmp_path / "straight" / "muon-lr0.01-s0" / "log.jsonl").read_text().splitlines()]
+    resumed = read_run_log(tmp_path, "muon-lr0.01-s0")
+    assert all(math.isfinite(e["val_loss"]) for e in resumed)
+    assert [e["val_loss"] for e in resumed] == pytest.approx([e["val_loss"] for e in straight], rel=1e-3)
+
+
+@needs_cuda
+def test_cuda_train_cifar_resnet18_channels_last(tmp_path):
+    folder = write_cifar(tmp_path / "src", "cifar100", n_train=300, n_test=100)
+    train_cifar.main(cifar_args(tmp_path, folder, "cifar100", "--device", "cuda", "--net", "resnet18", "--width", "8",
+                                "--epochs", "2", "--warmup-epochs", "0.5", "--optimizer", "muon", "--lr", "1e-2"))
+    run = tmp_path / "out" / "cifar100-resnet18-muon-lr0.01-s0"
+    log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(e["train_loss"]) for e in log) and log[-1]["images_per_s"] > 0
+    weight = torch.load(run / "ckpt.pt", weights_only=False)["model"]["stem.0.weight"]
+    assert weight.is_contiguous(memory_format=torch.channels_last)

@@ -800,6 +800,15 @@ def check_model(args, meta):
                                 f"{', '.join(matrices[:6])}, ...")
 
 
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense bf16, by GPU name
+
+
+def known_peak_tflops(device_name, bf16):
+    """A known GPU's dense peak: bfloat16, or TF32 (half of it) without autocast; else None."""
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    return None if peak is None else peak if bf16 else peak / 2
+
+
 def describe(args, meta):
     """What this run will do, printed once: data, epochs, precision, MFU's reference."""
     tokens = args.max_steps * args.batch_size * args.block_size * args.grad_accum
@@ -811,10 +820,7 @@ def describe(args, meta):
               "comparison measures memorization as much as optimization")
     if args.device.startswith("cuda"):
         name = torch.cuda.get_device_name(args.device)
-        peaks = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense bf16 TFLOPS
-        peak = next((v for k, v in peaks.items() if k in name), None)
-        if args.peak_tflops is None and peak:
-            args.peak_tflops = peak if args.bf16 else peak / 2  # TF32 runs at half the bf16 peak
+        args.peak_tflops = args.peak_tflops or known_peak_tflops(name, args.bf16)
         print(f"device: {name}, {'bfloat16 autocast' if args.bf16 else 'TF32'}; MFU against "
               + (f"{args.peak_tflops:g} TFLOPS" if args.peak_tflops else "nothing (pass --peak-tflops)"))
 
