@@ -896,11 +896,11 @@ def test_train_gpt_resume_matches_an_uninterrupted_run(tmp_path, bpe, monkeypatc
     calls = {"n": 0}
     original_next = train_gpt.Batches.next
 
-    def interrupt_at_step_15(self):
+    def interrupt_at_step_15(self, load=True):
         calls["n"] += 1
         if calls["n"] == 15:
             raise KeyboardInterrupt
-        return original_next(self)
+        return original_next(self, load)
 
     monkeypatch.setattr(train_gpt.Batches, "next", interrupt_at_step_15)
     with pytest.raises(KeyboardInterrupt):
@@ -1010,11 +1010,11 @@ def test_train_gpt_sweep_reuses_finished_runs_resumes_stopped_ones_and_summarize
 
     calls, original_next = {"n": 0}, train_gpt.Batches.next
 
-    def interrupt_in_the_second_run(self):
+    def interrupt_in_the_second_run(self, load=True):
         calls["n"] += 1
         if calls["n"] == 12 + 9:  # reg's step 9, after its checkpoint at step 6
             raise KeyboardInterrupt
-        return original_next(self)
+        return original_next(self, load)
 
     monkeypatch.setattr(train_gpt.Batches, "next", interrupt_in_the_second_run)
     with pytest.raises(KeyboardInterrupt):
@@ -1634,3 +1634,53 @@ def test_every_link_on_the_pages_resolves():
         for target in re.findall(r"\]\(([^)#\s]+)", page.read_text()):
             if not target.startswith("http"):
                 assert (page.parent / target).exists(), (page.name, target)
+
+
+# -----------------------------------------------------------------------------
+# Several processes: train_gpt.py under torchrun (DDP, gloo on a CPU)
+# -----------------------------------------------------------------------------
+
+def torchrun(tmp_path, *argv, stop_at_batch=None):
+    """train_gpt.main(argv) in 2 processes; with stop_at_batch, both are interrupted when
+    they draw that batch (as a Ctrl-C would stop them)."""
+    wrapper = tmp_path / "launch.py"
+    wrapper.write_text(
+        f"import sys; sys.path.insert(0, {str(ROOT)!r})\nimport train_gpt\n"
+        f"stop, calls, draw = {stop_at_batch}, [0], train_gpt.Batches.next\n"
+        "def next_batch(self, load=True):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == stop:\n"
+        "        raise KeyboardInterrupt\n"
+        "    return draw(self, load)\n"
+        "train_gpt.Batches.next = next_batch\n"
+        "train_gpt.main(sys.argv[1:])\n")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(wrapper), *argv], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+
+
+def test_train_gpt_under_torchrun_takes_the_single_process_steps_and_resumes(tmp_path, bpe):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    argv = gpt_args(tmp_path, data, bpe, "--batch-size", "4", "--grad-accum", "2", "--max-steps", "6",
+                    "--eval-every", "3", "--warmup-steps", "1", "--lr", "1e-2")
+    train_gpt.main(argv + ["--optimizer", "adamw,muon", "--out-dir", str(tmp_path / "one")])
+    done = torchrun(tmp_path, *argv, "--optimizer", "adamw,muon", "--out-dir", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for run in ("adamw-lr0.01-s0", "muon-lr0.01-s0"):
+        one, two = ([json.loads(l) for l in (tmp_path / d / run / "log.jsonl").read_text().splitlines()]
+                    for d in ("one", "two"))
+        for key in ("step", "train_loss", "val_loss", "lr"):  # the same global batch, the same steps:
+            assert [e[key] for e in two] == [e[key] for e in one], (run, key)  # (a+b)/2 == a/2 + b/2
+    assert len((tmp_path / "two" / "results.csv").read_text().splitlines()) == 3  # rank 0 alone wrote
+    # Interrupted at step 5 (after the step-3 checkpoint), then resumed: the same losses.
+    stopped = torchrun(tmp_path, *argv, "--optimizer", "muon", "--out-dir", str(tmp_path / "stop"),
+                       stop_at_batch=2 * 4 + 1)
+    assert stopped.returncode != 0
+    assert torch.load(tmp_path / "stop" / "muon-lr0.01-s0" / "ckpt.pt", weights_only=False)["step"] == 3
+    resumed = torchrun(tmp_path, "--resume", str(tmp_path / "stop" / "muon-lr0.01-s0"), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    one = [json.loads(l) for l in (tmp_path / "one" / "muon-lr0.01-s0" / "log.jsonl").read_text().splitlines()]
+    again = [json.loads(l) for l in (tmp_path / "stop" / "muon-lr0.01-s0" / "log.jsonl").read_text().splitlines()]
+    assert [e["val_loss"] for e in again] == pytest.approx([e["val_loss"] for e in one], rel=1e-6)
+    bad = torchrun(tmp_path, *gpt_args(tmp_path, data, bpe, "--grad-accum", "3", "--out-dir", str(tmp_path / "bad")))
+    assert "--grad-accum 3 must be divisible by the 2 processes" in bad.stderr and not (tmp_path / "bad").exists()

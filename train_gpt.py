@@ -7,6 +7,7 @@ train_gpt.py: train a GPT (nanoGPT-style) on openwebtext-100k with any optimizer
     python train_gpt.py --resume out/gpt/reg-lr0.003-s0   # continue that one run
     python train_gpt.py --init-from out/gpt/adamw-lr0.003-s0/ckpt.pt --data other.txt \\
         --optimizer reg,muon,adamw --also-eval PRETRAINING_DATA   # fine-tune, measure forgetting
+    torchrun --standalone --nproc_per_node=8 train_gpt.py # data-parallel (DDP), same global batch
     python results/summarize.py out/gpt                   # tables and figures of a folder
 
 The default data is Elriggs/openwebtext-100k (one 303 MB Parquet file from the Hugging Face
@@ -80,7 +81,7 @@ DEFAULTS = dict(
 )
 # What may differ between the runs of one folder; everything else is a setting they share.
 NOT_SETTINGS = ("optimizer", "lr", "seed", "out_dir", "resume", "quiet", "log_every",
-                "bpe_dir", "cache_dir", "peak_tflops", "device", "compile")
+                "bpe_dir", "cache_dir", "peak_tflops", "device", "compile", "rank", "world")
 # What --resume may change; the rest comes from the run itself.
 RESUME_MAY_SET = ("max_steps", "device", "compile", "quiet", "log_every", "peak_tflops",
                   "bpe_dir", "cache_dir")
@@ -296,9 +297,12 @@ class Batches:
             rows = rows.pin_memory().to(self.device, non_blocking=True)
         return rows[:, :-1].to(self.device), rows[:, 1:].to(self.device)
 
-    def next(self):
+    def next(self, load=True):
+        """The next batch. Under DDP every process draws every micro-batch, so that all
+        follow one seeded order, and loads only its own (load=False skips the others)."""
         high = len(self.tokens) - self.block_size - 1
-        return self.window(torch.randint(high, (self.batch_size,), generator=self.generator).numpy())
+        starts = torch.randint(high, (self.batch_size,), generator=self.generator).numpy()
+        return self.window(starts) if load else None
 
     def fixed(self, n_batches):
         """The same evenly spaced windows every time: a fixed validation set."""
@@ -487,7 +491,8 @@ def start(args, name, lr, seed, data, run_dir, resume):
     """Everything a run needs, fresh (the same initial weights for every optimizer of one
     seed) or restored from its checkpoint: model, optimizer, data, log and counters."""
     splits, meta, also_val = data
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
     resumed = load_checkpoint(run_dir, "--resume") if resume else None
     init = load_checkpoint(args.init_from, "--init-from") if args.init_from and not resumed else None
     torch.manual_seed(seed)
@@ -500,7 +505,11 @@ def start(args, name, lr, seed, data, run_dir, resume):
         group["initial_lr"] = group["lr"]  # the schedule scales this
     run = SimpleNamespace(args=args, name=name, lr=lr, seed=seed, dir=run_dir, cfg=cfg, model=model,
                           net=torch.compile(model) if args.compile else model, opt=opt, init=init,
-                          step=0, best_val=math.inf, elapsed=0.0, log=[])
+                          step=0, best_val=math.inf, elapsed=0.0, log=[], writes=args.rank == 0)
+    run.train_net = run.net  # what the training step calls: under torchrun, DDP around the net
+    if args.world > 1:  # gradients are averaged across processes during backward
+        from torch.nn.parallel import DistributedDataParallel
+        run.train_net = DistributedDataParallel(run.net, device_ids=[args.device] if "cuda" in args.device else None)
     run.train_batches = Batches(splits["train"], args.batch_size, args.block_size, args.device, seed)
     run.val_batches = [Batches(tokens, args.batch_size, args.block_size, args.device, seed).fixed(args.eval_batches)
                        for tokens in (splits["val"], also_val) if tokens is not None]
@@ -519,10 +528,11 @@ def start(args, name, lr, seed, data, run_dir, resume):
             torch.cuda.set_rng_state(resumed["rng"]["cuda"], args.device)
         lines = (run_dir / "log.jsonl").read_text().splitlines()
         run.log = [e for e in map(json.loads, lines) if e["step"] <= run.step]  # the rest is redone
-    (run_dir / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in run.log))
+    if run.writes:
+        (run_dir / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in run.log))
+        write_record(run, finished=False)
     if args.compile:
         reg.use_compiled_math()
-    write_record(run, finished=False)
     return run
 
 
@@ -539,11 +549,15 @@ def train(args, name, lr, seed, data, run_dir, resume=False):
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(step, args)
-        loss_sum = torch.zeros((), device=args.device)
-        for _ in range(args.grad_accum):
-            x, y = run.train_batches.next()
+        loss_sum, share = torch.zeros((), device=args.device), args.grad_accum // args.world
+        for i in range(args.grad_accum):  # micro-batch i belongs to process i % world
+            batch = run.train_batches.next(load=i % args.world == args.rank)
+            if batch is None:
+                continue
+            if args.world > 1:  # all-reduce the gradients once, after this process's last micro-batch
+                run.train_net.require_backward_grad_sync = i // args.world == share - 1
             with run.autocast:
-                loss = run.net(x, y) / args.grad_accum
+                loss = run.train_net(*batch) / share
             loss.backward()
             loss_sum += loss.detach()
         if args.grad_clip > 0:
@@ -555,7 +569,7 @@ def train(args, name, lr, seed, data, run_dir, resume=False):
         done = step + 1
         is_eval = done % args.eval_every == 0 or done == args.max_steps
         if done % args.log_every == 0 or is_eval:
-            losses = torch.stack(pending).tolist()
+            losses = mean_over_processes(torch.stack(pending), args.world).tolist()
             check_finite(losses, done, run, bar)
             pending, now = [], time.perf_counter()
             run.elapsed += now - t_last
@@ -570,7 +584,8 @@ def train(args, name, lr, seed, data, run_dir, resume=False):
             evaluate_and_save(run, done, losses[-1])
             t_last = time.perf_counter()  # evaluation and saving are not training time
     bar.close()
-    write_record(run, finished=True)
+    if run.writes:
+        write_record(run, finished=True)
     print(f"{name} lr={lr:g} seed={seed}: final val loss {run.log[-1]['val_loss']:.4f} "
           f"(best {run.best_val:.4f}), {run.elapsed:.1f}s of training")
     return run.log
@@ -596,11 +611,21 @@ def evaluate_and_save(run, step, train_loss):
     if run.tracked:
         entry["track"] = {k: inspect_matrix(run.opt, p) for k, p in run.tracked.items()}
     run.log.append(entry)
-    with open(run.dir / "log.jsonl", "a") as f:
-        f.write(json.dumps(entry) + "\n")
     if step:
         run.best_val = min(run.best_val, entry["val_loss"])
-        save_checkpoint(run, step)
+    if run.writes:  # rank 0 alone writes; every process evaluates the same windows
+        with open(run.dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if step:
+            save_checkpoint(run, step)
+
+
+def mean_over_processes(values, world):
+    """The mean of `values` over the processes of a torchrun launch (itself without one)."""
+    if world > 1:
+        torch.distributed.all_reduce(values)  # a sum: gloo has no average
+        values = values / world
+    return values
 
 
 def check_finite(losses, done, run, bar):
@@ -844,21 +869,49 @@ def describe(args, meta):
               + (f"{args.peak_tflops:g} TFLOPS" if args.peak_tflops else "nothing (pass --peak-tflops)"))
 
 
+def start_distributed(args):
+    """Under torchrun: join the process group (NCCL on CUDA, gloo on a CPU), take this
+    process's GPU, and let rank 0 alone print. Sets args.rank and args.world (0 and 1
+    without torchrun, where nothing else changes)."""
+    args.rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.world == 1:
+        return
+    if args.grad_accum % args.world:
+        raise ReportedError(f"--grad-accum {args.grad_accum} must be divisible by the {args.world} "
+                            "processes: each takes an equal share of a step's micro-batches")
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if args.rank > 0:
+        args.quiet, sys.stdout = True, open(os.devnull, "w")  # one process speaks for all
+
+
 def main(argv=None):
+    args = None
     try:
         args = parse_args(argv)
+        start_distributed(args)
         if args.device.startswith("cuda"):  # float32 matmuls on tensor cores (TF32), as nanoGPT
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         todo = runs_to_do(args, NOT_SETTINGS, lambda name, lr, seed: f"{name}-lr{lr:g}-s{seed}")
-        splits, meta = load_data(args, args.data)
-        also_val = load_data(args, args.also_eval)[0]["val"] if args.also_eval else None
+        for turn in ("first", "then"):  # rank 0 tokenizes (or checks the cache) before the others read it
+            if (args.rank == 0) == (turn == "first"):
+                splits, meta = load_data(args, args.data)
+                also_val = load_data(args, args.also_eval)[0]["val"] if args.also_eval else None
+            if args.world > 1:
+                torch.distributed.barrier()
         check_model(args, meta)
         describe(args, meta)
         for name, lr, seed, run_dir, resume in todo:
             train(args, name, lr, seed, (splits, meta, also_val), run_dir, resume)
-        summarize.report(Path(args.resume).parent if args.resume else args.out_dir, strict=False)
+        if args.rank == 0:
+            summarize.report(Path(args.resume).parent if args.resume else args.out_dir, strict=False)
     except (ReportedError, summarize.SweepError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if args is not None and getattr(args, "world", 1) > 1:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
