@@ -1684,3 +1684,22 @@ def test_train_gpt_under_torchrun_takes_the_single_process_steps_and_resumes(tmp
     assert [e["val_loss"] for e in again] == pytest.approx([e["val_loss"] for e in one], rel=1e-6)
     bad = torchrun(tmp_path, *gpt_args(tmp_path, data, bpe, "--grad-accum", "3", "--out-dir", str(tmp_path / "bad")))
     assert "--grad-accum 3 must be divisible by the 2 processes" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_the_scripts_choose_bfloat16_where_the_cpu_runs_it_natively_and_keep_float32_weights(tmp_path, bpe,
+                                                                                               monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr(train_gpt, "cpu_runs_bfloat16", lambda: native)
+        args = train_gpt.parse_args(["--device", "cpu"])
+        assert args.bf16 is native and train_cifar.parse_args(["--device", "cpu"]).bf16 is native
+        note = train_gpt.precision_note(args)
+        assert ("bfloat16 autocast, float32 weights" if native else "precision: float32: this CPU has no") in note
+        assert train_gpt.parse_args(["--device", "cpu", "--no-bf16"]).bf16 is False
+    monkeypatch.setattr(train_gpt, "cpu_runs_bfloat16", lambda: True)
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    train_gpt.main(gpt_args(tmp_path, data, bpe, "--optimizer", "muon", "--max-steps", "4", "--eval-every", "2"))
+    saved = torch.load(tmp_path / "out" / "muon-lr0.003-s0" / "ckpt.pt", weights_only=False)
+    assert saved["args"]["bf16"] is True
+    assert all(t.dtype == torch.float32 for t in saved["model"].values())
+    assert all(t.dtype == torch.float32 for s in saved["optimizer"]["state"].values() for t in s.values()
+               if torch.is_tensor(t) and t.is_floating_point())

@@ -45,8 +45,9 @@ from tqdm import tqdm
 
 import reg
 from results import summarize
-from train_gpt import (Parser, ReportedError, check_device, download, existing_path, folder_path,
-                       load_checkpoint, number, optimizer_list, resumed, runs_to_do, write_atomic)
+from train_gpt import (Parser, ReportedError, check_device, default_bf16, download, existing_path, folder_path,
+                       load_checkpoint, number, optimizer_list, precision_note, resumed, runs_to_do,
+                       write_atomic)
 
 # -----------------------------------------------------------------------------
 # Settings: per-net sizes and every other default, in one place
@@ -62,7 +63,8 @@ DEFAULTS = dict(
     dataset="cifar100",
     warmup_epochs=1.0,                # linear warmup, then linear decay to zero
     label_smoothing=0.1,
-    cache_dir="data", out_dir="out/cifar", bf16=True, compile=False, quiet=False,
+    cache_dir="data", out_dir="out/cifar", compile=False, quiet=False,
+    bf16=None,                        # bfloat16 autocast: on CUDA and on CPUs that run it natively
 )
 NOT_SETTINGS = ("optimizer", "lr", "seed", "out_dir", "resume", "quiet", "data_dir", "cache_dir",
                 "device", "compile")
@@ -292,8 +294,7 @@ def start(args, name, lr, seed, run_dir, resume):
     (run_dir / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in run.log))
     if args.compile:
         reg.use_compiled_math()
-    run.autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
-                                  enabled=args.bf16 and args.device.startswith("cuda"))
+    run.autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16)
     write_record(run, finished=False)
     return run
 
@@ -369,7 +370,9 @@ def write_record(run, finished):
                   finished=finished, metric="test_top1", lower_is_better=False, curve=["epoch", "test_top1"],
                   summary=dict(optimizer=run.name, lr=run.lr, seed=run.seed, epochs=last.get("epoch", 0),
                                test_top1=last.get("test_top1"), test_top5=last.get("test_top5"),
-                               time=round(run.elapsed, 1)))
+                               time=round(run.elapsed, 1), images_per_s=round(
+                                   sum(e["images_per_s"] * e["epoch_time"] for e in run.log)
+                                   / max(sum(e["epoch_time"] for e in run.log), 1e-9))))
     write_atomic(run.dir / "run.json", json.dumps(record, indent=1))
 
 
@@ -397,7 +400,8 @@ def make_parser():
     add("--out-dir", type=folder_path, help="runs, logs, checkpoints, tables (out/cifar)")
     add("--resume", type=existing_path, help="a run folder (or its ckpt.pt) to continue: that run alone")
     add("--device", help="cuda, cuda:N or cpu (cuda when there is one)")
-    add("--bf16", action=argparse.BooleanOptionalAction, help="CUDA: bfloat16 autocast (on)")
+    add("--bf16", action=argparse.BooleanOptionalAction,
+        help="bfloat16 autocast, float32 weights (default: on CUDA and on CPUs with native bfloat16)")
     add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the net and math (off)")
     add("--quiet", action="store_true", default=None, help="no progress bar or per-epoch lines")
     return p
@@ -422,6 +426,7 @@ def parse_args(argv=None):
             args = argparse.Namespace(**{**DEFAULTS, **NET_DEFAULTS[net], "lr": [NET_DEFAULTS[net]["lr"]],
                                          "net": net, "device": device, "subset": None, "data_dir": None,
                                          "resume": None, **given})
+            args.bf16 = default_bf16(args.device) if args.bf16 is None else args.bf16
             if args.warmup_epochs >= args.epochs and "warmup_epochs" not in given:
                 print(f"note: {args.warmup_epochs:g} warmup epochs do not fit in --epochs {args.epochs}: "
                       f"warming up for {args.epochs / 10:g} (pass --warmup-epochs to choose)")
@@ -457,6 +462,7 @@ def main(argv=None):
             torch.backends.cudnn.benchmark = True
         todo = runs_to_do(args, NOT_SETTINGS, lambda name, lr, seed: f"{args.dataset}-{args.net}-{name}-lr{lr:g}-s{seed}")
         data = load_data(args)
+        print(precision_note(args))
         for name, lr, seed, run_dir, resume in todo:
             train(args, name, lr, seed, data, run_dir, resume)
         summarize.report(Path(args.resume).parent if args.resume else args.out_dir, strict=False)

@@ -77,7 +77,8 @@ DEFAULTS = dict(
     grad_clip=1.0,                    # max global gradient norm; 0 turns clipping off
     log_every=10,                     # steps between progress updates (one device sync each)
     tokenizer="gpt2", cache_dir="data", val_fraction=0.01, data_seed=1337,
-    out_dir="out/gpt", track="", bf16=True, compile=False, quiet=False,
+    out_dir="out/gpt", track="", compile=False, quiet=False,
+    bf16=None,                        # bfloat16 autocast: on CUDA and on CPUs that run it natively
 )
 # What may differ between the runs of one folder; everything else is a setting they share.
 NOT_SETTINGS = ("optimizer", "lr", "seed", "out_dir", "resume", "quiet", "log_every",
@@ -479,7 +480,8 @@ def write_record(run, finished):
         first, last = run.log[0], run.log[-1]
         record["summary"] = dict(optimizer=run.name, lr=run.lr, seed=run.seed, final_val=last["val_loss"],
                                  best_val=run.best_val, final_train=last["train_loss"], steps=last["step"],
-                                 tokens=last["tokens"], time=round(run.elapsed, 1))
+                                 tokens=last["tokens"], time=round(run.elapsed, 1),
+                                 tokens_per_s=round(last["tokens"] / max(run.elapsed, 1e-9)))
         if "also_val_loss" in last:
             record["summary"]["also_val"] = last["also_val_loss"]
             if first["step"] == 0:
@@ -515,8 +517,7 @@ def start(args, name, lr, seed, data, run_dir, resume):
                        for tokens in (splits["val"], also_val) if tokens is not None]
     named = dict(model.named_parameters())
     run.tracked = {k: named[k] for k in args.track.split(",") if k}
-    run.autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
-                                  enabled=args.bf16 and args.device.startswith("cuda"))
+    run.autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16)
     run.tokens_per_step = args.batch_size * args.block_size * args.grad_accum
     if resumed:
         model.load_state_dict(resumed["model"])
@@ -723,7 +724,8 @@ def make_parser():
         "(e.g. the pre-training data, to measure forgetting)")
     add("--track", help="weight names, comma list: log the conditioning of their momentum and update")
     add("--device", help="cuda, cuda:N or cpu (cuda when there is one)")
-    add("--bf16", action=argparse.BooleanOptionalAction, help="CUDA: bfloat16 autocast (on)")
+    add("--bf16", action=argparse.BooleanOptionalAction,
+        help="bfloat16 autocast, float32 weights (default: on CUDA and on CPUs with native bfloat16)")
     add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile model and math (off)")
     add("--peak-tflops", type=number(float, 1e-3), help="the device's peak, for MFU (known: A100, H100, H200)")
     add("--quiet", action="store_true", default=None, help="no progress bar")
@@ -754,6 +756,7 @@ def fresh_settings(given):
     args = argparse.Namespace(**{**DEFAULTS, **preset, "lr": [preset["lr"]], "device": device,
                                  **{k: None for k in ("data", "bpe_dir", "init_from", "also_eval",
                                                       "peak_tflops", "resume")}, **given})
+    args.bf16 = default_bf16(args.device) if args.bf16 is None else args.bf16
     if args.warmup_steps >= args.max_steps and "warmup_steps" not in given:
         short = max(1, args.max_steps // 10)  # a run must leave its warmup
         print(f"note: the preset's {args.warmup_steps} warmup steps do not fit in --max-steps "
@@ -785,6 +788,34 @@ def resumed(given, saved_args, may_set):
         raise ValueError(f"the run was trained on {args.device} and CUDA is not available here: "
                          "pass --device cpu to continue it on the CPU")
     return args
+
+
+def cpu_runs_bfloat16():
+    """Whether this CPU multiplies bfloat16 natively (avx512_bf16 or AMX), where bfloat16
+    autocast is faster than float32. torch's check is oneDNN's, which also accepts AVX-512
+    CPUs that only emulate bfloat16 (slower than float32): where Linux lists the CPU's
+    flags, they decide."""
+    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_bf16(device):
+    return device.startswith("cuda") or cpu_runs_bfloat16()
+
+
+def precision_note(args):
+    """One line: which precision this run computes in, and why."""
+    if args.device.startswith("cuda"):
+        return f"precision: {'bfloat16 autocast' if args.bf16 else 'TF32'} on CUDA (--no-bf16 / --bf16 to choose)"
+    native = cpu_runs_bfloat16()
+    why = "this CPU multiplies bfloat16 natively" if native else "this CPU has no native bfloat16 (avx512_bf16 or AMX)"
+    return (f"precision: {'bfloat16 autocast, float32 weights' if args.bf16 else 'float32'}: {why}"
+            f"{'' if args.bf16 == native else ' (chosen by flag)'}; --bf16 / --no-bf16 to choose")
 
 
 def check_device(text):
@@ -862,10 +893,11 @@ def describe(args, meta):
     if epochs > 1:
         print(f"warning: each run sees its training data {epochs:.1f} times: past one epoch, a "
               "comparison measures memorization as much as optimization")
+    print(precision_note(args))
     if args.device.startswith("cuda"):
         name = torch.cuda.get_device_name(args.device)
         args.peak_tflops = args.peak_tflops or known_peak_tflops(name, args.bf16)
-        print(f"device: {name}, {'bfloat16 autocast' if args.bf16 else 'TF32'}; MFU against "
+        print(f"device: {name}; MFU against "
               + (f"{args.peak_tflops:g} TFLOPS" if args.peak_tflops else "nothing (pass --peak-tflops)"))
 
 
