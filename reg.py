@@ -59,7 +59,8 @@ def default_ns_dtype(device):
     """bfloat16 on CUDA, as the references do: fast, and accurate enough for a direction.
     float32 on a CPU: there the speed of bfloat16 depends on the chip (with avx512_bf16 or
     AMX it is faster, without it much slower; measured numbers in results/README.md), and
-    float32 keeps CPU results the same on every machine. Pass ns_dtype= to choose."""
+    float32 keeps a CPU's results independent of whether it has bfloat16. Pass ns_dtype=
+    to choose."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 

@@ -511,7 +511,8 @@ def start(args, name, lr, seed, data, run_dir, resume):
     run.train_net = run.net  # what the training step calls: under torchrun, DDP around the net
     if args.world > 1:  # gradients are averaged across processes during backward
         from torch.nn.parallel import DistributedDataParallel
-        run.train_net = DistributedDataParallel(run.net, device_ids=[args.device] if "cuda" in args.device else None)
+        run.train_net = DistributedDataParallel(
+            run.net, device_ids=[torch.device(args.device)] if args.device.startswith("cuda") else None)
     run.train_batches = Batches(splits["train"], args.batch_size, args.block_size, args.device, seed)
     run.val_batches = [Batches(tokens, args.batch_size, args.block_size, args.device, seed).fixed(args.eval_batches)
                        for tokens in (splits["val"], also_val) if tokens is not None]
@@ -588,7 +589,8 @@ def train(args, name, lr, seed, data, run_dir, resume=False):
     if run.writes:
         write_record(run, finished=True)
     print(f"{name} lr={lr:g} seed={seed}: final val loss {run.log[-1]['val_loss']:.4f} "
-          f"(best {run.best_val:.4f}), {run.elapsed:.1f}s of training")
+          f"(best {run.best_val:.4f}), {run.elapsed:.1f}s of training, "
+          f"{run.log[-1]['tokens'] / max(run.elapsed, 1e-9):,.0f} tokens/s")
     return run.log
 
 
