@@ -1003,6 +1003,26 @@ def test_summarize_sweep_picks_the_best_lr_on_the_sweep_seeds_and_flags_an_edge(
     assert higher["adamw", 1e-3]["best"] and higher["reg", 1e-3]["best"]
 
 
+def test_finetune_depth_compares_at_matched_forgetting_along_the_lr_sweeps(tmp_path):
+    from results import finetune_depth
+    # (forgetting, new-task loss) at each lr: straight lines between neighbouring lrs
+    sweep = [(0.1, 2.0), (0.3, 1.6), (0.5, 1.8)]
+    assert finetune_depth.within_forgetting(sweep, 0.2) == pytest.approx(1.8)  # halfway to the 2nd lr
+    assert finetune_depth.within_forgetting(sweep, 0.6) == pytest.approx(1.6)  # the best it reaches
+    assert finetune_depth.within_forgetting(sweep, 0.05) is None               # forgets more at every lr
+    # A method that forgets as AdamW does, 0.01 worse on the new task at every lr; its best lr
+    # (lr 2) forgets more than AdamW's best (lr 1).
+    adamw = {1e-3: (0.1, 2.0), 2e-3: (0.2, 1.9), 4e-3: (0.4, 1.95)}
+    rows = [dict(pretrain_steps=10, optimizer=name, lr=lr * lr_scale, seed=0, new_task_loss=loss + extra,
+                 forgetting=f) for name, extra, lr_scale in (("adamw", 0.0, 1), ("muon", 0.01, 2))
+            for lr, (f, loss) in adamw.items()]
+    out, target = finetune_depth.depth_table(rows)
+    assert target == 0.2 and out["adamw"]["along"] == [0, 0, 0]
+    assert out["muon"]["lr"] == 4e-3 and out["muon"]["along"] == pytest.approx([0.01, 0.01, 0.01])
+    summarize.write_csv(rows, tmp_path / "depth.csv")  # the CSV comes back with its types
+    assert finetune_depth.read_table(tmp_path / "depth.csv") == rows
+
+
 def test_train_gpt_sweep_reuses_finished_runs_resumes_stopped_ones_and_summarizes(tmp_path, bpe, monkeypatch):
     data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
     sweep = ["--optimizer", "adamw,reg", "--lr", "1e-2", "--max-steps", "12", "--eval-every", "6"]
@@ -1571,11 +1591,11 @@ def blocks(page, language):
 
 def python_commands(page, tmp_path):
     """Every `python ...` a page's bash blocks run, as argv lists: bash itself expands the
-    variables and loops, with python (and pip, mkdir, tar) replaced by a recorder."""
+    variables and loops, with python (and pip, git, mkdir, tar) replaced by a recorder."""
     record = tmp_path / "argv"
     record.write_text("")
     stubs = (f'python() {{ printf "%s\\0" "$@" >> {record}; printf "\\n\\0" >> {record}; }}\n'
-             "pip() { :; }\nmkdir() { :; }\ntar() { :; }\n")
+             "pip() { :; }\ngit() { :; }\nmkdir() { :; }\ntar() { :; }\n")
     commands = []
     for block in blocks(page, "bash"):
         done = subprocess.run(["bash", "-c", stubs + block], cwd=tmp_path, capture_output=True, text=True)
@@ -1703,3 +1723,41 @@ def test_the_scripts_choose_bfloat16_where_the_cpu_runs_it_natively_and_keep_flo
     assert all(t.dtype == torch.float32 for t in saved["model"].values())
     assert all(t.dtype == torch.float32 for s in saved["optimizer"]["state"].values() for t in s.values()
                if torch.is_tensor(t) and t.is_floating_point())
+
+
+def test_attention_on_a_cpu_runs_in_float32_under_bfloat16_autocast(monkeypatch):
+    # The CPU's flash-attention kernel is slower in bfloat16 than in float32; everything
+    # around it (the matmuls) still runs in bfloat16.
+    F = torch.nn.functional
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(q.dtype) or sdpa(q, k, v, **kw))
+    torch.manual_seed(0)
+    model = train_gpt.GPT(train_gpt.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", torch.bfloat16):
+        logits = model(idx)
+    assert seen == [torch.float32] and logits.dtype == torch.bfloat16
+    seen.clear()
+    assert model(idx).dtype == torch.float32 and seen == [torch.float32]
+
+
+def test_speed_gives_nanogpt_our_tokens_and_reads_its_iteration_times(tmp_path, monkeypatch, capsys):
+    from results import speed
+    monkeypatch.chdir(tmp_path)
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    nanogpt = tmp_path / "nanoGPT"
+    (nanogpt / "train.py").parent.mkdir()
+    # A stand-in for nanoGPT's train.py: prints its per-iteration lines as the real one does.
+    (nanogpt / "train.py").write_text("for i in range(301):\n    print(f'iter {i}: loss 2.5, time 100.00ms, mfu 1.00%')\n")
+    speed.give_nanogpt_our_tokens(str(nanogpt), str(data))
+    splits, meta = train_gpt.load_data(train_gpt.parse_args(["--tokenizer", "bytes", "--data", str(data)]), str(data))
+    for split, tokens in splits.items():
+        assert (nanogpt / "data" / "owtbytes" / f"{split}.bin").read_bytes() == Path(tokens.filename).read_bytes()
+    vocab = pickle.loads((nanogpt / "data" / "owtbytes" / "meta.pkl").read_bytes())["vocab_size"]
+    assert vocab == train_gpt.model_config(train_gpt.parse_args([]), meta, None).vocab_size == 320
+    # 301 iterations of 16 x 128 tokens at 0.1 s each
+    assert speed.gpt_nanogpt("4x128", str(nanogpt), tmp_path / "out") == pytest.approx(16 * 128 / 0.1)
+    for bad in (["--sizes", "8x512"], ["--nanogpt", str(tmp_path)], ["--reps", "0"]):
+        with pytest.raises(SystemExit):
+            speed.main(bad)
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("speed.py: error:")

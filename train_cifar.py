@@ -23,7 +23,9 @@ from there; run folders and their tables behave the same way too.
 Measured (results/README.md): the small net at --width 16 (125k parameters), 2 epochs on
 all of CIFAR-10, about a minute of training on one core of a 2-core AMD EPYC, reaches
 69.5% test top-1 with AdamW, 71.4% with Muon and 66.6% with REG, each at its own swept
-learning rate (mean of 3 seeds). No GPU numbers have been measured yet.
+learning rate (mean of 3 seeds), in float32. bfloat16 autocast, the default on a CPU that
+multiplies it natively, trains that net at 1.38x and ResNet-18 at 2.2x float32's images/s
+there. No GPU numbers have been measured yet.
 """
 
 import argparse

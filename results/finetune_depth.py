@@ -2,15 +2,18 @@
 results/finetune_depth.py: fine-tuning against pre-training depth, from the sweep folders.
 
     python results/finetune_depth.py 300:out/ft-sweep 1000:out/ft-depth-1000 3000:out/ft-depth-3000
+    python results/finetune_depth.py          # redraw from the committed finetune-depth.csv
 
 Each argument is DEPTH:FOLDER, a fine-tuning sweep (train_gpt.py --init-from a model
 pre-trained for DEPTH steps, with --also-eval). Writes results/finetune-depth.csv (one row
 per depth, optimizer, lr and seed) and results/finetune-depth.png, and prints per depth and
 method: the new-task loss and forgetting at the method's best lr (mean and std over seeds),
 and the comparison at matched forgetting: the lowest new-task loss each method reaches
-along its lr sweep (seed 0) while forgetting no more than AdamW does at AdamW's best lr.
+along its lr sweep (seed 0) while forgetting no more than AdamW does at AdamW's best lr,
+then the same at the forgetting of each lr of AdamW's sweep, minus AdamW's own there.
 """
 
+import csv
 import math
 import statistics
 import sys
@@ -33,10 +36,22 @@ def within_forgetting(points, target):
     return min(candidates, default=None)
 
 
-def depth_table(depth, folder):
+def read_folder(depth, folder):
+    """The CSV's rows for one fine-tuning sweep folder."""
     runs, _ = summarize.read_runs(folder)
-    rows = [dict(pretrain_steps=depth, optimizer=r["optimizer"], lr=r["lr"], seed=r["seed"],
+    return [dict(pretrain_steps=depth, optimizer=r["optimizer"], lr=r["lr"], seed=r["seed"],
                  new_task_loss=r["summary"]["final_val"], forgetting=r["summary"]["forgetting"]) for r in runs]
+
+
+def read_table(path):
+    """The rows of a finetune-depth.csv written earlier, with their types back."""
+    types = dict(pretrain_steps=int, optimizer=str, lr=float, seed=int, new_task_loss=float, forgetting=float)
+    return [{k: types[k](v) for k, v in row.items()} for row in csv.DictReader(open(path))]
+
+
+def depth_table(rows):
+    """Per method, for the rows of one depth: its best lr, its losses and forgetting there
+    (one per seed), its seed-0 lr sweep, and its loss at matched forgetting (see above)."""
     sweep = summarize.summarize_sweep(rows, "new_task_loss")
     best = {row["optimizer"]: row["lr"] for row in sweep if row["best"]}
     out = {}
@@ -47,9 +62,14 @@ def depth_table(depth, folder):
         out[name] = dict(lr=lr_best, sweep=sweep, loss=[r["new_task_loss"] for r in at_best],
                          forgetting=[r["forgetting"] for r in at_best])
     target, out["adamw"]["seed0"] = out["adamw"]["sweep"][out["adamw"]["lr"]]  # AdamW's seed 0, best lr
+    adamw_levels = [f for f, _ in out["adamw"]["sweep"].values()]
     for stats in out.values():
-        stats["matched"] = within_forgetting(list(stats["sweep"].values()), target)
-    return rows, out, target
+        points = list(stats["sweep"].values())
+        stats["matched"] = within_forgetting(points, target)
+        # the same at the forgetting of each lr of AdamW's sweep, minus AdamW's own there
+        stats["along"] = [None if m is None else m - within_forgetting(list(out["adamw"]["sweep"].values()), f)
+                          for f in adamw_levels for m in [within_forgetting(points, f)]]
+    return out, target
 
 
 def mean_std(values):
@@ -58,15 +78,15 @@ def mean_std(values):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or not all(":" in a and a.split(":", 1)[0].isdigit() for a in argv):
-        sys.exit("usage: python results/finetune_depth.py DEPTH:FOLDER [DEPTH:FOLDER ...]")
-    tables, all_rows = {}, []
-    for arg in argv:
-        depth, folder = arg.split(":", 1)
-        rows, out, target = depth_table(int(depth), folder)
-        tables[int(depth)] = (out, target)
-        all_rows += rows
-    summarize.write_csv(all_rows, HERE / "finetune-depth.csv")
+    if not all(":" in a and a.split(":", 1)[0].isdigit() for a in argv):
+        sys.exit("usage: python results/finetune_depth.py [DEPTH:FOLDER ...] (no argument: redraw from the CSV)")
+    if argv:
+        all_rows = [row for arg in argv for row in read_folder(int(arg.split(":", 1)[0]), arg.split(":", 1)[1])]
+        summarize.write_csv(all_rows, HERE / "finetune-depth.csv")
+    else:
+        all_rows = read_table(HERE / "finetune-depth.csv")
+    tables = {d: depth_table([r for r in all_rows if r["pretrain_steps"] == d])
+              for d in sorted({r["pretrain_steps"] for r in all_rows})}
     for depth, (out, target) in tables.items():
         adamw = statistics.mean(out["adamw"]["loss"])
         print(f"\npre-trained {depth} steps (AdamW's seed 0 forgets {target:+.3f} at its best lr)")
@@ -76,29 +96,43 @@ def main(argv=None):
             matched = "-" if s["matched"] is None else f"{s['matched'] - out['adamw']['seed0']:+.3f}"
             print(f"{name:<11}{s['lr']:>9g}{loss:>10.3f} ± {loss_sd:.3f}{forgot:>+10.3f} ± {forgot_sd:.3f}"
                   f"{loss - adamw:>+8.3f}{matched:>27}")
+        lrs = list(out["adamw"]["sweep"])
+        print(f"gap at the forgetting of AdamW's lr (seed 0; * its best):\n{'':<11}"
+              + "".join(f"{f'{lr:g}' + ('*' if lr == out['adamw']['lr'] else ''):>9}" for lr in lrs))
+        for name, s in out.items():
+            if name != "adamw":
+                print(f"{name:<11}" + "".join(f"{'-' if g is None else f'{g:+.3f}':>9}" for g in s["along"]))
     plt = summarize.pyplot()
     if plt is None:
         return print("(matplotlib is not installed: no figure)")
     depths = sorted(tables)
     names = list(tables[depths[0]][0])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
     for name in names:
+        stats = [tables[d][0][name] for d in depths]
+        base = [statistics.mean(tables[d][0]["adamw"]["loss"]) for d in depths]
+        forgot = [mean_std(s["forgetting"]) for s in stats]
+        line = middle.errorbar(depths, [m for m, _ in forgot], yerr=[sd for _, sd in forgot], marker="o",
+                               capsize=3, label=name, color="black" if name == "adamw" else None)
         if name == "adamw":
             continue
-        gaps = [mean_std(tables[d][0][name]["loss"]) for d in depths]
-        base = [statistics.mean(tables[d][0]["adamw"]["loss"]) for d in depths]
-        line = left.errorbar(depths, [g - b for (g, _), b in zip(gaps, base)], yerr=[sd for _, sd in gaps],
-                             marker="o", capsize=3, label=name)
-        matched = [tables[d][0][name]["matched"] for d in depths]
-        right.plot(depths, [math.nan if m is None else m - tables[d][0]["adamw"]["seed0"]
-                            for d, m in zip(depths, matched)], marker="o", color=line[0].get_color(), label=name)
-    for ax, title in ((left, "at each method's best lr (3 seeds)"),
-                      (right, "forgetting no more than AdamW (seed-0 lr sweeps)")):
-        ax.axhline(0, color="black", lw=1)
+        gaps = [mean_std(s["loss"]) for s in stats]
+        left.errorbar(depths, [g - b for (g, _), b in zip(gaps, base)], yerr=[sd for _, sd in gaps],
+                      marker="o", capsize=3, label=name, color=line[0].get_color())
+        for shift, style in ((0, "-"), (-1, "--")):  # AdamW's best lr, and half of it
+            at = [list(tables[d][0]["adamw"]["sweep"]).index(tables[d][0]["adamw"]["lr"]) + shift for d in depths]
+            right.plot(depths, [math.nan if s["along"][i] is None else s["along"][i] for s, i in zip(stats, at)],
+                       marker="o", ls=style, color=line[0].get_color())
+    for ax, title in ((left, "new-task loss minus AdamW's at each best lr"),
+                      (middle, "forgetting at each best lr"),
+                      (right, "the same, forgetting <= AdamW's at: its best lr (-), lr/2 (--)")):
         ax.set(xscale="log", xlabel="AdamW pre-training steps", title=title)
         ax.grid(alpha=0.3)
-    left.set_ylabel("new-task loss minus AdamW's (below 0: better)")
-    left.legend(fontsize=8)
+    for ax in (left, right):  # linear near 0 (the deeper pre-trainings), compressed beyond 0.02
+        ax.axhline(0, color="black", lw=1)
+        ax.set_yscale("symlog", linthresh=0.02)
+        ax.set_ylabel("below 0: better than AdamW")
+    middle.legend(fontsize=8)
     summarize.save(plt, fig, HERE / "finetune-depth.png")
     print(f"\nwrote {HERE / 'finetune-depth.csv'} and {HERE / 'finetune-depth.png'}")
 
