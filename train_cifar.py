@@ -372,9 +372,9 @@ def write_record(run, finished):
                   finished=finished, metric="test_top1", lower_is_better=False, curve=["epoch", "test_top1"],
                   summary=dict(optimizer=run.name, lr=run.lr, seed=run.seed, epochs=last.get("epoch", 0),
                                test_top1=last.get("test_top1"), test_top5=last.get("test_top5"),
-                               time=round(run.elapsed, 1), images_per_s=round(
-                                   sum(e["images_per_s"] * e["epoch_time"] for e in run.log)
-                                   / max(sum(e["epoch_time"] for e in run.log), 1e-9))))
+                               time=round(run.elapsed, 1),
+                               images_per_s=round(sum(e["images_per_s"] * e["epoch_time"] for e in run.log)
+                                                  / max(run.elapsed, 1e-9))))
     write_atomic(run.dir / "run.json", json.dumps(record, indent=1))
 
 

@@ -51,7 +51,8 @@ def read_table(path):
 
 def depth_table(rows):
     """Per method, for the rows of one depth: its best lr, its losses and forgetting there
-    (one per seed), its seed-0 lr sweep, and its loss at matched forgetting (see above)."""
+    (one per seed), its seed-0 lr sweep, and its gaps to AdamW at matched forgetting (see
+    above): "along" at each lr of AdamW's sweep, "matched" at AdamW's best lr."""
     sweep = summarize.summarize_sweep(rows, "new_task_loss")
     best = {row["optimizer"]: row["lr"] for row in sweep if row["best"]}
     out = {}
@@ -61,15 +62,14 @@ def depth_table(rows):
                  if r["optimizer"] == name and r["seed"] == 0}
         out[name] = dict(lr=lr_best, sweep=sweep, loss=[r["new_task_loss"] for r in at_best],
                          forgetting=[r["forgetting"] for r in at_best])
-    target, out["adamw"]["seed0"] = out["adamw"]["sweep"][out["adamw"]["lr"]]  # AdamW's seed 0, best lr
-    adamw_levels = [f for f, _ in out["adamw"]["sweep"].values()]
-    for stats in out.values():
-        points = list(stats["sweep"].values())
-        stats["matched"] = within_forgetting(points, target)
-        # the same at the forgetting of each lr of AdamW's sweep, minus AdamW's own there
-        stats["along"] = [None if m is None else m - within_forgetting(list(out["adamw"]["sweep"].values()), f)
-                          for f in adamw_levels for m in [within_forgetting(points, f)]]
-    return out, target
+    adamw_points = list(out["adamw"]["sweep"].values())
+    for stats in out.values():  # at the forgetting of each lr of AdamW's sweep, minus AdamW's own there
+        points, stats["along"] = list(stats["sweep"].values()), []
+        for forgetting, _ in adamw_points:
+            loss = within_forgetting(points, forgetting)
+            stats["along"].append(None if loss is None else loss - within_forgetting(adamw_points, forgetting))
+        stats["matched"] = stats["along"][list(out["adamw"]["sweep"]).index(out["adamw"]["lr"])]
+    return out, out["adamw"]["sweep"][out["adamw"]["lr"]][0]  # and AdamW's forgetting at its best lr
 
 
 def mean_std(values):
@@ -93,7 +93,7 @@ def main(argv=None):
         print(f"{'optimizer':<11}{'best lr':>9}{'new task':>17}{'forgetting':>17}{'gap':>8}{'gap, forgetting <= AdamW':>27}")
         for name, s in out.items():
             (loss, loss_sd), (forgot, forgot_sd) = mean_std(s["loss"]), mean_std(s["forgetting"])
-            matched = "-" if s["matched"] is None else f"{s['matched'] - out['adamw']['seed0']:+.3f}"
+            matched = "-" if s["matched"] is None else f"{s['matched']:+.3f}"
             print(f"{name:<11}{s['lr']:>9g}{loss:>10.3f} ± {loss_sd:.3f}{forgot:>+10.3f} ± {forgot_sd:.3f}"
                   f"{loss - adamw:>+8.3f}{matched:>27}")
         lrs = list(out["adamw"]["sweep"])

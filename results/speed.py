@@ -81,13 +81,14 @@ def gpt_nanogpt(size, nanogpt, out):
 
 def give_nanogpt_our_tokens(nanogpt, data):
     """Our byte-level token files, copied into the nanoGPT clone as its owtbytes data set."""
-    args = train_gpt.parse_args(["--tokenizer", "bytes", "--data", data, "--block-size", "16"])
-    splits, _ = train_gpt.load_data(args, data)
+    args = train_gpt.parse_args(["--tokenizer", "bytes", "--data", data])
+    splits, meta = train_gpt.load_data(args, data)
     target = Path(nanogpt) / "data" / "owtbytes"
     target.mkdir(parents=True, exist_ok=True)
     for split, tokens in splits.items():
         (target / f"{split}.bin").write_bytes(Path(tokens.filename).read_bytes())
-    (target / "meta.pkl").write_bytes(pickle.dumps(dict(vocab_size=320)))
+    vocab = train_gpt.model_config(args, meta, None).vocab_size  # padded as ours is: 320
+    (target / "meta.pkl").write_bytes(pickle.dumps(dict(vocab_size=vocab)))
     print(f"nanoGPT's data: our byte tokens in {target}")
 
 
@@ -104,7 +105,8 @@ def cifar_ours(net, bf16, data_dir, out):
 def cpu_identity():
     """The CPU, as Linux names it: bfloat16 speed differs between generations of one brand."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines()[:30])}
+    first_core = info.split("\n\n")[0].splitlines()
+    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first_core)}
     flags = [f for f in field.get("flags", "").split() if f in ("avx512_bf16", "amx_bf16")]
     return (f"CPU: {field.get('model name', 'unknown')}, family {field.get('cpu family', '?')} model "
             f"{field.get('model', '?')}, {torch.get_num_threads()} threads, {' '.join(flags) or 'no native bfloat16'}")
