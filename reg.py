@@ -1,8 +1,8 @@
 """
 reg.py: matrix-aware optimizers side by side, in one file that reads top to bottom.
 
-    python reg.py --blocks 2        # benchmark: step time and state vs torch.optim (1 min, 2-core CPU)
-    python reg.py --device cuda --compile
+    import reg
+    opt = reg.build_optimizer("reg", model, lr=1e-3)   # or "muon", "muoneq-r", "normuon", ...
 
 Muon, MuonEq, NorMuon and REG treat a weight matrix as a matrix rather than a bag of
 numbers. For a hidden weight W (m x n) with gradient G they all take the same step; only
@@ -31,20 +31,17 @@ optimizer, as Keller Jordan's MuonWithAuxAdam does (`param_groups` does the spli
 
 The file: (1) the math, small pure functions on (..., m, n) tensors; (2) routing
 parameters into groups; (3) the optimizers: one `step` holding the whole update, four
-directions; (4) a benchmark. CPU or CUDA. Under DistributedDataParallel the gradients are
+directions. CPU or CUDA. Under DistributedDataParallel the gradients are
 already averaged across processes when `step` runs, so every process takes the same step.
 """
 
-import argparse
 import math
-import time
 import warnings
 from collections import defaultdict
 
 import torch
 from torch import nn
 from torch.optim.adamw import adamw as adamw_update  # torch's functional AdamW
-from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # 1. The math: small, pure functions on (..., m, n) tensors, CPU or CUDA
@@ -57,10 +54,8 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 def default_ns_dtype(device):
     """bfloat16 on CUDA, as the references do: fast, and accurate enough for a direction.
-    float32 on a CPU: there the speed of bfloat16 depends on the chip (with avx512_bf16 or
-    AMX it is faster, without it much slower; measured numbers in results/README.md), and
-    float32 keeps a CPU's results independent of whether it has bfloat16. Pass ns_dtype=
-    to choose."""
+    float32 on a CPU, where bfloat16's speed depends on the chip (faster with avx512_bf16
+    or AMX, far slower without) and float32 keeps results independent of it."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
@@ -71,12 +66,10 @@ def newton_schulz(G, steps=5, eps=1e-7, dtype=None):
     step then applies the odd polynomial p(x) = a x + b x^3 + c x^5 to every singular value
     at once, via X <- a X + (b A + c A A) X with A = X X^T, pushing all of them towards 1.
 
-    Caveats, stated honestly: these coefficients overshoot on purpose, so the output's
-    singular values land roughly in [0.7, 1.2], not at exactly 1 (Muon's authors found this
-    does not hurt training, and 5 steps of a steep polynomial beat many of an exact one).
-    And 5 steps can lift a singular value by at most a^5 ~ 490: those below ~1/800 of
-    ||G||_F come out below 0.6 (measured: every one above 1.3e-3 * ||G||_F lands in
-    [0.6, 1.25]), so a very ill-conditioned G is only partly orthogonalized.
+    Caveats: these coefficients overshoot on purpose, so the output's singular values land
+    roughly in [0.7, 1.2], not at 1 (Muon's authors found this does not hurt training).
+    And 5 steps lift a singular value by at most a^5 ~ 490: those below ~1.3e-3 * ||G||_F
+    come out below 0.6 (measured), so a very ill-conditioned G is only partly orthogonalized.
     The result does not depend on the scale of G as long as ||G||_F > eps; below that the
     output shrinks with G (as in torch.optim.Muon, whose eps this is).
 
@@ -112,12 +105,11 @@ def equilibrate(U, mode="R", eps=1e-8):
 
     The guard is relative, eps_r = eps * mean(r) (likewise c), so the result does not
     depend on the scale of U (RC's scales as 1/scale, which NS's normalization removes).
-    The paper's code adds an absolute 1e-8 to a sum-form momentum, 1/(1-mu) = 20x ours:
-    on our EMA momentum, whose rows sum to 1e-12..1e-11 late in a GPT-2-sized run, that
-    would swamp the rows and quietly turn MuonEq back into Muon. U is divided by its
-    largest |entry| first, in float32 at least, so the squares neither underflow nor
-    overflow (bfloat16 included). Zero rows stay zero; a row whose sum of squares is below
-    ~1e-6 of the mean is moved by the guard by ~1e-8 * mean / r_i, relatively.
+    The paper's code adds an absolute 1e-8 to a sum-form momentum (20x ours): on our EMA
+    momentum, whose rows sum to 1e-12..1e-11 late in a GPT-2-sized run, that would swamp
+    the rows and quietly turn MuonEq back into Muon. U is divided by its largest |entry|
+    first, in float32 at least, so the squares neither underflow nor overflow. Zero rows
+    stay zero.
     """
     if mode not in ("R", "C", "RC"):
         raise ValueError(f"equilibrate: mode must be 'R', 'C' or 'RC', got {mode!r}")
@@ -164,9 +156,8 @@ def racs(U, p=2, steps=1):
     balancing a matrix" (its Theorem 1: equal row norms minimize a condition number over
     diagonal scalings), is gentler than the matrix sign, has a norm parameter p (p = 2 best)
     and REG normalizes the update's RMS. Ours is one step of Ruiz-style two-sided
-    balancing: it takes roughly the square root of the spread (max/min) of the row norms
-    and of the column norms, damping a dominant row or column without flattening the
-    spectrum as the matrix sign does; many steps give equal row and column norms.
+    balancing: it takes roughly the square root of the row norms' and the column norms'
+    spread (max/min), damping a dominant row or column without flattening the spectrum.
     Invariant to the scale of U (a positive factor cancels); O(mn): two reductions and one
     elementwise scaling, no matmul. Zero rows and columns stay zero (no NaN, no inf).
     """
@@ -196,20 +187,17 @@ def update_scale(D, scale="rms", exact_rms=False):
     scale="spectral" (Keller Jordan): sqrt(max(1, m/n)) on an orthogonal direction; Muon's
     usual lr is then ~0.02.
 
-    Muon's direction is (nearly) semi-orthogonal, so its RMS is known from the shape alone:
-    1/sqrt(max(m, n)); the factor is then 0.2*sqrt(max(m, n)) or sqrt(max(1, m/n)), exactly
-    torch.optim.Muon's "match_rms_adamw" and "original". NorMuon's and REG's directions have
-    no such fixed RMS, so `exact_rms=True` first rescales D to the RMS a semi-orthogonal
-    matrix of its shape would have, which makes the "rms" update's RMS exactly 0.2.
-    A zero direction gives a zero step, never NaN.
+    Muon's direction is (nearly) semi-orthogonal, so its RMS is 1/sqrt(max(m, n)) and the
+    factor 0.2*sqrt(max(m, n)) or sqrt(max(1, m/n)): torch.optim.Muon's "match_rms_adamw"
+    and "original". NorMuon's and REG's directions have no fixed RMS: `exact_rms=True`
+    first rescales D to a semi-orthogonal matrix's RMS, making the "rms" update's RMS
+    exactly 0.2. A zero direction gives a zero step, never NaN.
     """
     m, n = D.shape[-2:]
-    if scale == "rms":
-        factor = 0.2 * math.sqrt(max(m, n))
-    elif scale == "spectral":
-        factor = math.sqrt(max(1.0, m / n))
-    else:
+    factors = {"rms": 0.2 * math.sqrt(max(m, n)), "spectral": math.sqrt(max(1.0, m / n))}
+    if scale not in factors:
         raise ValueError(f"scale must be 'rms' or 'spectral', got {scale!r}")
+    factor = factors[scale]
     if not exact_rms:
         return factor
     rms = torch.linalg.vector_norm(D, dim=(-2, -1), keepdim=True) / math.sqrt(m * n)
@@ -244,24 +232,20 @@ def matrix_shape(p):
 
 def stat_dtype(p):
     """The dtype of a parameter's optimizer state and update arithmetic: float32 at least.
-    bfloat16 keeps 8 bits of mantissa: a running average in it stalls, and W*(1 - lr*wd)
-    with lr*wd = 1e-4 rounds back to W. A pure-bfloat16 weight still loses every step
-    smaller than half its spacing (~0.2% of its value), even rounded once: keep float32
-    weights under autocast, as the training scripts do."""
+    In bfloat16 (8 bits of mantissa) a running average stalls and W*(1 - 1e-4) rounds
+    back to W. A bfloat16 weight still loses every step below ~0.2% of its value: keep
+    float32 weights under autocast, as the training scripts do."""
     return torch.promote_types(p.dtype, torch.float32)
 
 
 def use_compiled_math():
-    """Swap the functions above for torch.compile'd versions. The optimizers look them up
-    by name at each step, so this speeds up every method at once. Mostly a CUDA win: it
-    fuses the elementwise work around the matmuls (and all of RACS) into fewer kernels.
-    The first step of each matrix shape then pays for compilation."""
+    """Swap the functions above for torch.compile'd versions, which every optimizer then
+    looks up by name: mostly a CUDA win (the elementwise work around the matmuls, and all
+    of RACS, fused into fewer kernels). Each matrix shape's first step pays for compiling."""
     global newton_schulz, equilibrate, normuon_normalize, racs, update_scale
-    if hasattr(newton_schulz, "_torchdynamo_orig_callable"):  # compiled already
-        return
-    newton_schulz, equilibrate = torch.compile(newton_schulz), torch.compile(equilibrate)
-    normuon_normalize, racs = torch.compile(normuon_normalize), torch.compile(racs)
-    update_scale = torch.compile(update_scale)
+    if not hasattr(newton_schulz, "_torchdynamo_orig_callable"):  # not compiled already
+        newton_schulz, equilibrate, normuon_normalize, racs, update_scale = map(
+            torch.compile, (newton_schulz, equilibrate, normuon_normalize, racs, update_scale))
 
 
 # -----------------------------------------------------------------------------
@@ -283,16 +267,12 @@ def param_groups(model, head="auto", adamw_names=(), matrix_names=()):
     model.named_parameters() (or a prefix of it, such as "blocks.0."), into one side.
 
     Returns param-group dicts with `use_adamw`, a `name` and `param_names` (torch.optim's
-    key for them); `describe_groups` prints what went where.
-    """
+    key for them); `describe_groups` prints what went where."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"param_groups needs an nn.Module, got {type(model).__name__}")
     if head == "auto":
         head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
-    elif head is None:
-        head = []
-    elif isinstance(head, nn.Module):
-        head = [head]
+    head = [head] if isinstance(head, nn.Module) else list(head or [])
     to_adamw = {id(p) for m in head for p in m.parameters()}
     to_adamw |= {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
@@ -303,11 +283,9 @@ def param_groups(model, head="auto", adamw_names=(), matrix_names=()):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if named(matrix_names, name) and p.ndim >= 2:
-            side = "matrix"
-        elif p.ndim < 2:
+        if p.ndim < 2:
             side = "adamw_no_decay"
-        elif id(p) in to_adamw or named(adamw_names, name):
+        elif (id(p) in to_adamw or named(adamw_names, name)) and not named(matrix_names, name):
             side = "adamw"
         else:
             side = "matrix"
@@ -348,7 +326,8 @@ def describe_groups(groups, max_names=6):
     check where a model's weights went (param_groups(model), or opt.param_groups)."""
     lines = []
     for g in groups:
-        named = [f"{n} {tuple(p.shape)}" for n, p in zip(g.get("param_names") or ["?"] * len(g["params"]), g["params"])]
+        names = g.get("param_names") or ["?"] * len(g["params"])
+        named = [f"{n} {tuple(p.shape)}" for n, p in zip(names, g["params"])]
         lines.append(f"{g.get('name', 'group')} ({'AdamW' if g.get('use_adamw') else 'matrix rule'}): "
                      f"{len(named)} tensors, {sum(p.numel() for p in g['params']):,} numbers: "
                      + ", ".join(named[:max_names]) + (", ..." if len(named) > max_names else ""))
@@ -359,21 +338,38 @@ def describe_groups(groups, max_names=6):
 # 3. The optimizers: one step for the whole family, four directions
 # -----------------------------------------------------------------------------
 
-def require(ok, name, what, value, where):
-    if not ok:
-        raise ValueError(f"{name} must be {what}, got {value!r} {where}")
+def finite_in(low, high=math.inf, high_open=False):
+    """A check that a value is a finite real number in [low, high] (or [low, high))."""
+    return (lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+            and (low <= x < high if high_open else low <= x <= high)), f"a finite number in [{low:g}, {high:g}{')' if high_open else ']'}"
 
 
-def check_range(name, value, where, low, high=math.inf, high_open=False):
-    """A finite real number in [low, high] (or [low, high)); NaN and inf never pass."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (low <= value < high if high_open else low <= value <= high)
-    require(ok, name, f"a finite number in [{low:g}, {high:g}{')' if high_open else ']'}", value, where)
+def one_of(*choices):
+    return (lambda x: x in choices), " or ".join(map(repr, choices))
+
+
+AN_INT_ABOVE_0 = (lambda n: isinstance(n, int) and not isinstance(n, bool) and n >= 1), "an int >= 1"
+# What every hyperparameter must be, checked when a param group is added (never inside
+# step(), where a NaN lr would silently turn the weights into NaN).
+HYPERPARAMETERS = {
+    "lr": finite_in(0), "weight_decay": finite_in(0), "eps": finite_in(0),
+    "momentum": finite_in(0, 1, True), "betas[0]": finite_in(0, 1, True),
+    "betas[1]": finite_in(0, 1, True), "beta2": finite_in(0, 1, True),
+    "scale": one_of("rms", "spectral"), "mode": one_of("R", "C", "RC"),
+    "p": one_of(1, 2, math.inf), "ns_steps": AN_INT_ABOVE_0, "racs_steps": AN_INT_ABOVE_0,
+}
+
+
+def check_hyperparameters(group, where):
+    values = {**group, **{f"betas[{i}]": b for i, b in enumerate(group.get("betas", ()))}}
+    for key, (ok, what) in HYPERPARAMETERS.items():
+        if key in values and not ok(values[key]):
+            raise ValueError(f"{key} must be {what}, got {values[key]!r} {where}")
 
 
 class MatrixOptimizer(torch.optim.Optimizer):
     """The shared skeleton: `step` below is the whole update, and a method supplies only
-    its `direction` (and its own options: `method_defaults`, checked in `check_method`).
+    its `direction` (and its own options, with their defaults, in `method_defaults`).
 
     A param group with `use_adamw=True` is stepped with AdamW (betas, eps, the group's lr
     and weight_decay); every other group gets the matrix rule and holds only tensors with
@@ -411,35 +407,18 @@ class MatrixOptimizer(torch.optim.Optimizer):
         leaves the optimizer exactly as it was."""
         if not isinstance(param_group, dict):
             raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
-        group = dict(param_group)
-        params = group["params"]
-        group["params"] = [params] if torch.is_tensor(params) else list(params)
+        params = param_group["params"]
+        group = dict(param_group, params=[params] if torch.is_tensor(params) else list(params))
         where = f"(param group {len(self.param_groups)})"
-        group_with_defaults = {**self.defaults, **group}
-        self.check_group(group_with_defaults, where)
-        if not group_with_defaults["use_adamw"]:
-            self.check_method(group_with_defaults, where)
-        super().add_param_group(group)
-
-    def check_group(self, group, where):
-        """Reject bad hyperparameters when the group is made, not deep inside step()."""
-        for key in ("lr", "weight_decay"):
-            check_range(key, group[key], where, 0.0)
-        check_range("momentum", group["momentum"], where, 0.0, 1.0, high_open=True)
-        check_range("eps", group["eps"], where, 0.0)
-        for i, beta in enumerate(group["betas"]):
-            check_range(f"betas[{i}]", beta, where, 0.0, 1.0, high_open=True)
-        require(group["scale"] in ("rms", "spectral"), "scale", "'rms' or 'spectral'", group["scale"], where)
-        for p in [] if group["use_adamw"] else group["params"]:
+        check_hyperparameters({**self.defaults, **group}, where)
+        for p in [] if group.get("use_adamw", self.defaults["use_adamw"]) else group["params"]:
             if p.ndim < 2:
                 raise ValueError(
                     f"a parameter of shape {tuple(p.shape)} is in a matrix group {where}: the "
                     "matrix rule needs >= 2 dims. Build the groups with reg.param_groups(model), "
                     "which sends biases, norms, embeddings and the head to AdamW, or mark the "
                     "group use_adamw=True.")
-
-    def check_method(self, group, where):
-        """A method checks its own options here (matrix groups only)."""
+        super().add_param_group(group)
 
     def direction(self, U, states, group):
         """The one line that differs. U: (k, m, n), the look-ahead momenta of k same-shape
@@ -465,7 +444,10 @@ class MatrixOptimizer(torch.optim.Optimizer):
             for batch in same_shape_batches(params):  # k matrices of one shape, one call each
                 (m, n), k = matrix_shape(batch[0]), len(batch)
                 G = [p.grad.to(stat_dtype(p)) for p in batch]
-                B = [self.momentum_buffer(p) for p in batch]
+                for p in batch:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p, dtype=stat_dtype(p))
+                B = [self.state[p]["momentum_buffer"] for p in batch]
                 torch._foreach_lerp_(B, G, 1 - mu)                        # B <- mu*B + (1-mu)*G
                 U = torch.stack([torch.lerp(g, b, mu) if group["nesterov"] else b
                                  for g, b in zip(G, B)]).reshape(k, m, n)  # (1-mu)*G + mu*B
@@ -474,12 +456,6 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 for p, d in zip(batch, D):                                # W*(1-lr*wd) - lr*D
                     decay_and_step(p, d.view_as(p), lr, wd)
         return loss
-
-    def momentum_buffer(self, p):
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p, dtype=stat_dtype(p))
-        return state["momentum_buffer"]
 
     def adamw_step(self, group, params):
         """AdamW (Loshchilov & Hutter) for the parameters that are not hidden matrices: torch's
@@ -533,18 +509,11 @@ def decay_and_step(p, D, lr, weight_decay):
 
 class Muon(MatrixOptimizer):
     """Muon: the look-ahead momentum, orthogonalized by Newton-Schulz (Keller Jordan, 2024).
-
-    With scale="spectral" this is torch.optim.Muon(adjust_lr_fn="original") and with
-    scale="rms" torch.optim.Muon(adjust_lr_fn="match_rms_adamw"), plus an AdamW part for
-    the parameters in `use_adamw` groups.
-    Options: ns_steps (5), ns_dtype (None: bfloat16 on CUDA, float32 elsewhere).
-    """
+    With scale="spectral" this is torch.optim.Muon(adjust_lr_fn="original"), with scale="rms"
+    torch.optim.Muon(adjust_lr_fn="match_rms_adamw"), plus an AdamW part for `use_adamw`
+    groups. Options: ns_steps (5), ns_dtype (None: bfloat16 on CUDA, float32 elsewhere)."""
 
     method_defaults = dict(ns_steps=5, ns_dtype=None)
-
-    def check_method(self, group, where):
-        n = group["ns_steps"]
-        require(isinstance(n, int) and n >= 1, "ns_steps", "an int >= 1", n, where)
 
     def direction(self, U, states, group):
         return newton_schulz(U, steps=group["ns_steps"], dtype=group["ns_dtype"])
@@ -557,13 +526,8 @@ class MuonEq(Muon):
 
     method_defaults = dict(Muon.method_defaults, mode="R")
 
-    def check_method(self, group, where):
-        super().check_method(group, where)
-        require(group["mode"] in ("R", "C", "RC"), "mode", "'R', 'C' or 'RC'", group["mode"], where)
-
     def direction(self, U, states, group):
-        return newton_schulz(equilibrate(U, group["mode"]), steps=group["ns_steps"],
-                             dtype=group["ns_dtype"])
+        return super().direction(equilibrate(U, group["mode"]), states, group)
 
 
 class NorMuon(Muon):
@@ -577,17 +541,12 @@ class NorMuon(Muon):
     method_defaults = dict(Muon.method_defaults, beta2=0.95)
     exact_rms = True
 
-    def check_method(self, group, where):
-        super().check_method(group, where)
-        check_range("beta2", group["beta2"], where, 0.0, 1.0, high_open=True)
-
     def direction(self, U, states, group):
-        O = newton_schulz(U, steps=group["ns_steps"], dtype=group["ns_dtype"])
+        O = super().direction(U, states, group)
         for s in states:  # one running mean square per row, in the momentum's dtype
             if "row_mean_square" not in s:
                 s["row_mean_square"] = torch.zeros(U.shape[-2], 1, dtype=U.dtype, device=U.device)
-        v = torch.stack([s["row_mean_square"] for s in states])
-        O_hat, v = normuon_normalize(O, v, group["beta2"])
+        O_hat, v = normuon_normalize(O, torch.stack([s["row_mean_square"] for s in states]), group["beta2"])
         for s, v_rows in zip(states, v):
             s["row_mean_square"].copy_(v_rows)
         return O_hat
@@ -601,11 +560,6 @@ class REG(MatrixOptimizer):
 
     method_defaults = dict(p=2, racs_steps=1)
     exact_rms = True
-
-    def check_method(self, group, where):
-        require(group["p"] in (1, 2, math.inf), "p", "1, 2 or math.inf", group["p"], where)
-        n = group["racs_steps"]
-        require(isinstance(n, int) and n >= 1, "racs_steps", "an int >= 1", n, where)
 
     def direction(self, U, states, group):
         return racs(U, p=group["p"], steps=group["racs_steps"])
@@ -622,145 +576,22 @@ OPTIMIZERS = {
 }
 
 
-def optimizer_names(spec):
-    """A comma list such as "adamw,reg" -> ["adamw", "reg"]; a ValueError names any unknown."""
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in OPTIMIZERS]
-    if unknown or not names:
-        raise ValueError(f"unknown optimizer {', '.join(unknown) or repr(spec)}; known: {', '.join(OPTIMIZERS)}")
-    return names
-
-
 def build_optimizer(name, params, lr=1e-3, weight_decay=0.1, **kw):
     """The optimizer called `name` (see OPTIMIZERS) for `params`: an nn.Module (routed by
     param_groups), param-group dicts, or tensors (routed by shape alone, with a warning).
-    Extra keyword args go to the optimizer.
-
-    "adamw" is torch.optim.AdamW on the same groups, with betas (0.9, 0.95) and no weight
-    decay on tensors with < 2 dims, so that it differs from the others only in the rule
-    used for the hidden matrices.
-    """
+    Extra keyword args go to the optimizer. "adamw" is torch.optim.AdamW on the same groups,
+    betas (0.9, 0.95), no decay on tensors with < 2 dims: it differs from the others only
+    in the rule for the hidden matrices."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
-    if name == "adamw":
-        for key in ("momentum", "nesterov", "scale"):
-            if key in kw:
-                raise ValueError(f"{key!r} is not an AdamW option (it belongs to the matrix rules)")
-        for key, value in (("lr", lr), ("weight_decay", weight_decay)):
-            check_range(key, value, "(adamw)", 0.0)
-        with warnings.catch_warnings():  # shape routing is right for AdamW: nothing to warn
-            warnings.simplefilter("ignore")
-            groups = as_param_groups(params)
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay,
-                                 **{"betas": (0.9, 0.95), **kw})
-    cls, fixed = OPTIMIZERS[name]
-    return cls(params, lr=lr, weight_decay=weight_decay, **{**fixed, **kw})
-
-
-# -----------------------------------------------------------------------------
-# 4. Benchmark: step time and optimizer-state bytes, side by side in one process
-# -----------------------------------------------------------------------------
-
-def gpt2_small_params(blocks=12, width=768, vocab=50257, context=1024, device="cpu",
-                      dtype=torch.float32):
-    """A GPT-2-small-shaped parameter set with random gradients: per block qkv (2304, 768),
-    attention proj (768, 768), MLP (3072, 768) and (768, 3072), two LayerNorms; the token
-    embedding tied to the head, the position embedding and the final LayerNorm."""
-    def linear(n_in, n_out):
-        return nn.Linear(n_in, n_out, bias=False)
-    blocks = nn.ModuleList(nn.ModuleDict(dict(
-        ln_1=nn.LayerNorm(width), ln_2=nn.LayerNorm(width), qkv=linear(width, 3 * width),
-        proj=linear(width, width), fc=linear(width, 4 * width), mlp_proj=linear(4 * width, width)))
-        for _ in range(blocks))
-    model = nn.ModuleDict(dict(wte=nn.Embedding(vocab, width), wpe=nn.Embedding(context, width),
-                               blocks=blocks, ln_f=nn.LayerNorm(width),
-                               lm_head=linear(width, vocab)))  # last: param_groups' head
-    model.lm_head.weight = model.wte.weight
-    model.to(device=device, dtype=dtype)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    return model
-
-
-def state_megabytes(optimizer):
-    return sum(t.numel() * t.element_size() for s in optimizer.state.values()
-               for t in s.values() if torch.is_tensor(t)) / 2**20
-
-
-def time_steps(optimizer, device, steps, warmup, label):
-    """Median seconds per optimizer.step() after `warmup` untimed steps (progress shown)."""
-    times = []
-    for i in tqdm(range(warmup + steps), desc=label, leave=False):
-        t0 = time.perf_counter()
-        optimizer.step()
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times[warmup:])[steps // 2]
-
-
-def benchmark(device="cpu", dtype=torch.float32, blocks=12, steps=5, warmup=2,
-              compile_math=False, torch_muon_blocks=None, width=768, vocab=50257):
-    """Seconds per step and state size of every optimizer on a GPT-2-small-shaped
-    parameter set, as ratios to torch.optim.AdamW in its fastest form here (foreach or
-    fused); then Muon against torch.optim.Muon on the hidden matrices alone (it takes
-    nothing else), whose Newton-Schulz always runs in bfloat16."""
-    if compile_math:
-        use_compiled_math()
-    model = gpt2_small_params(blocks, width, vocab, device=device, dtype=dtype)
-    groups = param_groups(model)
-    n_matrix = sum(p.numel() for g in groups if not g["use_adamw"] for p in g["params"])
-    print(f"device {device}, {str(dtype)[6:]} parameters, {blocks} blocks: "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params "
-          f"({n_matrix / 1e6:.1f}M in hidden matrices), NS in {str(default_ns_dtype(device))[6:]}, "
-          f"compile={compile_math}, median of {steps} steps after {warmup}", flush=True)
-    baseline = None
-    for form in ("foreach", "fused"):
-        try:
-            opt = build_optimizer("adamw", model, **{form: True})
-            t = time_steps(opt, device, steps, warmup, f"torch AdamW ({form})")
-        except (RuntimeError, ValueError):  # fused is not built for every device and dtype
-            continue
-        if baseline is None or t < baseline[1]:
-            baseline = (f"torch AdamW ({form})", t, state_megabytes(opt))
-    rows = [baseline]
-    print(f"{'optimizer':<22}{'ms/step':>10}{'x AdamW':>9}{'state MB':>10}{'x AdamW':>9}")
-    for name in ("reg", "muon", "muoneq-r", "muoneq-rc", "normuon"):
-        opt = build_optimizer(name, model)
-        rows.append((name, time_steps(opt, device, steps, warmup, name), state_megabytes(opt)))
-    for label, t, mb in rows:
-        print(f"{label:<22}{t * 1e3:>10.1f}{t / baseline[1]:>9.2f}{mb:>10.1f}{mb / baseline[2]:>9.2f}")
-    sub = gpt2_small_params(torch_muon_blocks or blocks, width, vocab, device=device, dtype=dtype)
-    matrices = [p for g in param_groups(sub) if not g["use_adamw"] for p in g["params"]]
-    t_ref = time_steps(torch.optim.Muon(matrices, adjust_lr_fn="match_rms_adamw"), device,
-                       steps, warmup, "torch.optim.Muon")
-    print(f"hidden matrices of {torch_muon_blocks or blocks} block(s): torch.optim.Muon "
-          f"{t_ref * 1e3:.1f} ms/step")
-    for ns_dtype in dict.fromkeys([default_ns_dtype(device), torch.bfloat16]):
-        t = time_steps(Muon([dict(params=matrices)], ns_dtype=ns_dtype), device, steps, warmup,
-                       f"reg.Muon, NS in {str(ns_dtype)[6:]}")
-        print(f"  reg.Muon, NS in {str(ns_dtype)[6:]}: {t * 1e3:.1f} ms/step = "
-              f"{t / t_ref:.3f} x torch.optim.Muon")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="parameter dtype")
-    parser.add_argument("--blocks", type=int, default=12, help="transformer blocks (GPT-2 small: 12)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the math (use_compiled_math)")
-    parser.add_argument("--torch-muon-blocks", type=int, default=None,
-                        help="blocks for the torch.optim.Muon comparison (default: --blocks)")
-    parser.add_argument("--width", type=int, default=768, help="model width (GPT-2 small: 768)")
-    parser.add_argument("--vocab", type=int, default=50257, help="vocabulary (GPT-2: 50257)")
-    args = parser.parse_args()
-    if min(args.blocks, args.steps, args.width, args.vocab, args.torch_muon_blocks or 1) < 1 or args.warmup < 0:
-        parser.error("--blocks, --steps, --width, --vocab and --torch-muon-blocks must be >= 1, --warmup >= 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
-    torch.manual_seed(0)
-    benchmark(args.device, getattr(torch, args.dtype), args.blocks, args.steps, args.warmup,
-              args.compile, args.torch_muon_blocks, args.width, args.vocab)
+    if name != "adamw":
+        cls, fixed = OPTIMIZERS[name]
+        return cls(params, lr=lr, weight_decay=weight_decay, **{**fixed, **kw})
+    for key in ("momentum", "nesterov", "scale"):
+        if key in kw:
+            raise ValueError(f"{key!r} is not an AdamW option (it belongs to the matrix rules)")
+    check_hyperparameters(dict(kw, lr=lr, weight_decay=weight_decay), "(adamw)")
+    with warnings.catch_warnings():  # shape routing is right for AdamW: nothing to warn
+        warnings.simplefilter("ignore")
+        groups = as_param_groups(params)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **{"betas": (0.9, 0.95), **kw})

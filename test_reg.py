@@ -10,6 +10,7 @@ property breaks. Everything runs on the CPU with small fixtures made here; the C
 run only where a GPU is present.
 """
 
+import argparse
 import gzip
 import hashlib
 import contextlib
@@ -34,7 +35,7 @@ from torch import nn
 import reg
 import train_cifar
 import train_gpt
-from results import summarize
+from results import benchmark, runs, summarize
 
 PLOTS = summarize.pyplot() is not None  # matplotlib is optional: without it, no figures and no error
 
@@ -694,11 +695,11 @@ def test_bad_method_options_and_names():
         reg.Muon(reg.param_groups(model), ns_steps=0)
     with pytest.raises(ValueError, match="unknown optimizer 'lion'; known: adamw, muon"):
         reg.build_optimizer("lion", model)
-    assert reg.optimizer_names(" adamw, reg ") == ["adamw", "reg"]
-    with pytest.raises(ValueError, match="unknown optimizer lion; known: adamw, muon"):
-        reg.optimizer_names("reg,lion")
-    with pytest.raises(ValueError, match="unknown optimizer ','"):
-        reg.optimizer_names(",")
+    assert runs.optimizer_list(" adamw, reg ") == ["adamw", "reg"]
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown optimizer lion; known: adamw, muon"):
+        runs.optimizer_list("reg,lion")
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown optimizer ','"):
+        runs.optimizer_list(",")
     with pytest.raises(ValueError, match="param group 1"):
         reg.Muon([dict(params=[model[0].weight]), dict(params=[model[2].weight], lr=-1)])
     with pytest.raises(ValueError, match=r"shape \(64,\) is in a matrix group.*param_groups"):
@@ -1136,7 +1137,7 @@ def test_train_gpt_downloads_the_default_data_once_and_checks_its_size(tmp_path,
     # Offline afterwards, with the download deleted: the token cache alone is enough.
     for f in (tmp_path / "cache" / "openwebtext-100k").glob("*.parquet"):
         f.unlink()
-    monkeypatch.setattr(train_gpt.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded"))
+    monkeypatch.setattr(runs.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded"))
     train_gpt.main(argv)
 
 
@@ -1144,7 +1145,7 @@ def test_train_gpt_offline_without_cache_names_the_url_and_the_alternative(tmp_p
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(train_gpt.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(runs.urllib.request, "urlopen", offline)
     expect_error(["--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--quiet"],
                  train_gpt.OWT_URL, str(tmp_path / "cache" / "openwebtext-100k"), "--data")
     assert not list((tmp_path / "cache").rglob("*.parquet*"))  # nothing that looks complete
@@ -1220,7 +1221,7 @@ def test_cifar_download_checks_md5_extracts_and_reads_official_pickles(tmp_path,
     assert xt.shape == (100, 3, 32, 32)
     assert not list(cache.glob("*.part"))
     # A second call reuses the extracted copy: no download.
-    monkeypatch.setattr(train_gpt.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded again"))
+    monkeypatch.setattr(runs.urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded again"))
     assert train_cifar.extracted_folder(dataset, cache) == extracted
 
 
@@ -1247,7 +1248,7 @@ def test_cifar_bad_archives_and_folders_give_clear_errors(tmp_path, monkeypatch)
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(train_gpt.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(runs.urllib.request, "urlopen", offline)
     with pytest.raises(train_cifar.ReportedError, match="(?s)could not download.*--data-dir"):
         train_cifar.extracted_folder("cifar100", tmp_path / "c3")
 
@@ -1498,13 +1499,13 @@ def test_train_gpt_resumes_a_cuda_run_on_the_cpu_when_told(tmp_path, bpe):
 
 
 def test_benchmark_model_routes_every_block_matrix_to_the_matrix_rule():
-    model = reg.gpt2_small_params(blocks=2, width=16, vocab=40, context=8)
+    model = benchmark.gpt2_small_params(blocks=2, width=16, vocab=40, context=8)
     matrix = [p for g in reg.param_groups(model) if not g["use_adamw"] for p in g["params"]]
     assert sum(p.numel() for p in matrix) == 2 * (3 + 1 + 4 + 4) * 16 * 16  # qkv, proj, fc, mlp_proj
 
 
 def test_benchmark_shows_progress_and_prints_every_optimizer():
-    done = subprocess.run([sys.executable, str(Path(__file__).parent / "reg.py"), "--device", "cpu", "--blocks", "1",
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "results" / "benchmark.py"), "--device", "cpu", "--blocks", "1",
                            "--width", "64", "--vocab", "100", "--steps", "1", "--warmup", "0"],
                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-2000:]
@@ -1711,13 +1712,13 @@ def test_train_gpt_under_torchrun_takes_the_single_process_steps_and_resumes(tmp
 def test_the_scripts_choose_bfloat16_where_the_cpu_runs_it_natively_and_keep_float32_weights(tmp_path, bpe,
                                                                                                monkeypatch):
     for native in (True, False):
-        monkeypatch.setattr(train_gpt, "cpu_runs_bfloat16", lambda: native)
+        monkeypatch.setattr(runs, "cpu_runs_bfloat16", lambda: native)
         args = train_gpt.parse_args(["--device", "cpu"])
         assert args.bf16 is native and train_cifar.parse_args(["--device", "cpu"]).bf16 is native
-        note = train_gpt.precision_note(args)
+        note = runs.precision_note(args)
         assert ("bfloat16 autocast, float32 weights" if native else "precision: float32: this CPU has no") in note
         assert train_gpt.parse_args(["--device", "cpu", "--no-bf16"]).bf16 is False
-    monkeypatch.setattr(train_gpt, "cpu_runs_bfloat16", lambda: True)
+    monkeypatch.setattr(runs, "cpu_runs_bfloat16", lambda: True)
     data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
     train_gpt.main(gpt_args(tmp_path, data, bpe, "--optimizer", "muon", "--max-steps", "4", "--eval-every", "2"))
     saved = torch.load(tmp_path / "out" / "muon-lr0.003-s0" / "ckpt.pt", weights_only=False)

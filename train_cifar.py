@@ -47,9 +47,9 @@ from tqdm import tqdm
 
 import reg
 from results import summarize
-from train_gpt import (Parser, ReportedError, check_device, default_bf16, download, existing_path, folder_path,
-                       load_checkpoint, number, optimizer_list, precision_note, resumed, runs_to_do,
-                       write_atomic)
+from results.runs import (Parser, ReportedError, check_device, default_bf16, download, existing_path, folder_path,
+                          load_checkpoint, number, optimizer_list, precision_note, resumed, runs_to_do,
+                          write_atomic)
 
 # -----------------------------------------------------------------------------
 # Settings: per-net sizes and every other default, in one place

@@ -1,0 +1,209 @@
+"""
+results/runs.py: what train_gpt.py and train_cifar.py share, none of it about optimizers.
+
+Run folders (which runs a command still has to do, resuming one with its own settings,
+atomic writes, checkpoints), downloads, the command line's checks, and the choice of
+precision. Every problem a user can cause is a ReportedError: one line, no traceback.
+results/summarize.py then turns the run folders into tables and figures.
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # reg.py
+import reg  # noqa: E402
+from results import summarize  # noqa: E402
+
+
+class ReportedError(Exception):
+    """A problem shown to the user as one clear line, without a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Run folders: atomic writes, checkpoints, which runs to do, resuming
+# -----------------------------------------------------------------------------
+
+def write_atomic(path, text):
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous file whole
+
+
+def load_checkpoint(path, what):
+    path = Path(path) / "ckpt.pt" if Path(path).is_dir() else Path(path)
+    if not path.is_file():
+        raise ReportedError(f"{what} {path}: no checkpoint there")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ReportedError(f"{what} {path}: not a readable checkpoint ({e})") from None
+
+
+def runs_to_do(args, not_settings, run_name):
+    """The runs this command asks for, as (optimizer, lr, seed, run folder, resume?):
+    --resume's one run, or every combination of --optimizer, --lr and --seed less those
+    finished in the folder. A folder holds runs of one setting: a run there with other
+    settings is an error (never mixed in) that names what differs."""
+    if args.resume:
+        return [(args.optimizer[0], args.lr[0], args.seed[0], Path(args.resume), True)]
+    settings, finished = {k: v for k, v in vars(args).items() if k not in not_settings}, {}
+    for path in sorted(Path(args.out_dir).glob("*/run.json")):
+        record = json.loads(path.read_text())
+        differences = summarize.settings_differences(record["settings"], settings)
+        if differences:
+            raise ReportedError(f"{path.parent} was run with other settings ({'; '.join(differences[:3])}); "
+                                "a folder holds one sweep: pass another --out-dir")
+        finished[path.parent.name] = record["finished"]
+    todo = []
+    for name, lr, seed in itertools.product(args.optimizer, args.lr, args.seed):
+        run_dir = Path(args.out_dir) / run_name(name, lr, seed)
+        if finished.get(run_dir.name):
+            print(f"{run_dir.name}: finished earlier with these settings; reusing it")
+        else:
+            todo.append((name, lr, seed, run_dir, (run_dir / "ckpt.pt").exists()))
+            if todo[-1][-1]:
+                print(f"{run_dir.name}: stopped early; resuming it")
+    return todo
+
+
+def resumed(given, saved_args, may_set):
+    """--resume RUN: the run's own settings; only the flags in `may_set` may change."""
+    changed = sorted(k for k in given if k not in may_set + ("resume",) and given[k] != saved_args.get(k))
+    if changed:
+        raise ValueError(f"--{changed[0].replace('_', '-')} cannot change when resuming (the run "
+                         f"continues with its own settings); --resume may set: "
+                         + ", ".join("--" + k.replace("_", "-") for k in may_set))
+    args = argparse.Namespace(**{**saved_args, **given})
+    args.resume = str(Path(given["resume"]).parent if Path(given["resume"]).is_file() else given["resume"])
+    if args.device.startswith("cuda") and not torch.cuda.is_available() and "device" not in given:
+        raise ValueError(f"the run was trained on {args.device} and CUDA is not available here: "
+                         "pass --device cpu to continue it on the CPU")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Downloads
+# -----------------------------------------------------------------------------
+
+def download(url, dest, expected_bytes, alternative="train on local text with --data PATH "
+             "(.parquet, .jsonl[.gz], .txt or a directory), e.g. --data ../shared/data/openwebtext-sample"):
+    """Fetch url to dest once, with a progress bar, through a temporary name that is
+    renamed only after the size checks out: an interrupted download never looks complete."""
+    dest = Path(dest)
+    if dest.exists() and dest.stat().st_size == expected_bytes:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f, \
+                tqdm(total=expected_bytes, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+            while chunk := response.read(1 << 20):
+                bar.update(f.write(chunk))
+    except OSError as e:  # URLError, timeouts and disk errors are all OSErrors
+        tmp.unlink(missing_ok=True)
+        raise ReportedError(f"could not download {url} ({e}). It is expected at {dest}: put it "
+                            f"there by hand, or {alternative}") from None
+    if tmp.stat().st_size != expected_bytes:
+        got = tmp.stat().st_size
+        tmp.unlink()
+        raise ReportedError(f"download of {url} gave {got:,} bytes, expected {expected_bytes:,}; "
+                            "run again to retry")
+    os.replace(tmp, dest)
+    return dest
+
+
+# -----------------------------------------------------------------------------
+# The command line's checks
+# -----------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: "error: argument --lr: ..."
+        self.exit(2, f"error: {message}\n")
+
+
+def number(kind=float, low=0.0, high=math.inf, many=False):
+    """An argparse type: a finite number in [low, high] (or a comma list of them)."""
+    def parse(text):
+        try:
+            values = [kind(v) for v in text.split(",")] if many else [kind(text)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'comma list of ' if many else ''}"
+                                             f"{kind.__name__}") from None
+        if not all(math.isfinite(v) and low <= v <= high for v in values):
+            raise argparse.ArgumentTypeError(f"{text}: must be in [{low:g}, {high:g}]")
+        return values if many else values[0]
+    return parse
+
+
+def existing_path(text):
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or directory")
+    return text
+
+
+def folder_path(text):
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: exists and is not a folder")
+    return text
+
+
+def optimizer_list(text):
+    """--optimizer: a comma list such as "adamw,reg" -> ["adamw", "reg"], every name known."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in reg.OPTIMIZERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown optimizer {', '.join(unknown) or repr(text)}; "
+                                         f"known: {', '.join(reg.OPTIMIZERS)}")
+    return names
+
+
+def check_device(text):
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text}: this script runs on cpu or cuda")
+
+
+# -----------------------------------------------------------------------------
+# Precision: bfloat16 autocast where the device runs it natively
+# -----------------------------------------------------------------------------
+
+def cpu_runs_bfloat16():
+    """Whether this CPU multiplies bfloat16 natively (avx512_bf16 or AMX), where bfloat16
+    autocast is faster than float32. torch's check is oneDNN's, which also accepts AVX-512
+    CPUs that only emulate bfloat16 (slower than float32): where Linux lists the CPU's
+    flags, they decide."""
+    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_bf16(device):
+    return device.startswith("cuda") or cpu_runs_bfloat16()
+
+
+def precision_note(args):
+    """One line: which precision this run computes in, and why."""
+    if args.device.startswith("cuda"):
+        return f"precision: {'bfloat16 autocast' if args.bf16 else 'TF32'} on CUDA (--no-bf16 / --bf16 to choose)"
+    native = cpu_runs_bfloat16()
+    why = "this CPU multiplies bfloat16 natively" if native else "this CPU has no native bfloat16 (avx512_bf16 or AMX)"
+    return (f"precision: {'bfloat16 autocast, float32 weights' if args.bf16 else 'float32'}: {why}"
+            f"{'' if args.bf16 == native else ' (chosen by flag)'}; --bf16 / --no-bf16 to choose")
