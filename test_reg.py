@@ -35,7 +35,7 @@ from torch import nn
 import reg
 import train_cifar
 import train_gpt
-from results import benchmark, runs, summarize
+from results import benchmark, runs, summarize, text_data
 
 PLOTS = summarize.pyplot() is not None  # matplotlib is optional: without it, no figures and no error
 
@@ -805,8 +805,8 @@ def split_docs(tokens, eot):
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "jsonl.gz"])
 def test_prepare_keeps_documents_whole_with_eot_and_splits_by_document(tmp_path, bpe, fmt):
     source = write_corpus(tmp_path / f"corpus.{fmt}", DOCS, fmt)
-    tok = train_gpt.load_tokenizer(bpe)
-    meta = train_gpt.prepare([source], tmp_path / "cache", tok, val_fraction=0.34, seed=0)
+    tok = text_data.load_tokenizer(bpe)
+    meta = text_data.prepare([source], tmp_path / "cache", tok, val_fraction=0.34, seed=0)
     train = np.fromfile(tmp_path / "cache" / "train.bin", dtype=np.uint16)
     val = np.fromfile(tmp_path / "cache" / "val.bin", dtype=np.uint16)
     expected = {tuple(tok.encode_ordinary(d) + [tok.eot_token]) for d in DOCS}
@@ -816,17 +816,17 @@ def test_prepare_keeps_documents_whole_with_eot_and_splits_by_document(tmp_path,
     assert meta["train_tokens"] == len(train) and meta["val_tokens"] == len(val)
     # Exact duplicates are dropped (a copy in val would be a copy of train).
     dup = write_corpus(tmp_path / f"dup.{fmt}", DOCS + DOCS[:2], fmt)
-    assert train_gpt.prepare([dup], tmp_path / "cache3", tok, val_fraction=0.34, seed=0)["n_docs"] == len(DOCS)
+    assert text_data.prepare([dup], tmp_path / "cache3", tok, val_fraction=0.34, seed=0)["n_docs"] == len(DOCS)
     # The same seed gives the same split.
-    again = train_gpt.prepare([source], tmp_path / "cache2", tok, val_fraction=0.34, seed=0)
+    again = text_data.prepare([source], tmp_path / "cache2", tok, val_fraction=0.34, seed=0)
     assert np.array_equal(np.fromfile(tmp_path / "cache2" / "val.bin", dtype=np.uint16), val)
     assert again["val_tokens"] == meta["val_tokens"]
 
 
 def test_prepare_splits_a_single_text_file_by_position(tmp_path, bpe):
     source = write_corpus(tmp_path / "one.txt", ["".join(DOCS)], "txt")
-    tok = train_gpt.load_tokenizer(bpe)
-    meta = train_gpt.prepare([source], tmp_path / "cache", tok, val_fraction=0.1, seed=0)
+    tok = text_data.load_tokenizer(bpe)
+    meta = text_data.prepare([source], tmp_path / "cache", tok, val_fraction=0.1, seed=0)
     train = np.fromfile(tmp_path / "cache" / "train.bin", dtype=np.uint16)
     val = np.fromfile(tmp_path / "cache" / "val.bin", dtype=np.uint16)
     whole = tok.encode_ordinary("".join(DOCS)) + [tok.eot_token]
@@ -836,23 +836,23 @@ def test_prepare_splits_a_single_text_file_by_position(tmp_path, bpe):
 
 def test_prepare_reuses_its_cache_and_rebuilds_a_stale_or_truncated_one(tmp_path, bpe, capsys, monkeypatch):
     source = write_corpus(tmp_path / "c.jsonl", DOCS, "jsonl")
-    tok = train_gpt.load_tokenizer(bpe)
+    tok = text_data.load_tokenizer(bpe)
     cache = tmp_path / "cache"
-    first = train_gpt.prepare([source], cache, tok, 0.34, 0)
+    first = text_data.prepare([source], cache, tok, 0.34, 0)
     train_bytes = (cache / "train.bin").read_bytes()
 
     with monkeypatch.context() as m:  # a reused cache reads no text at all
-        m.setattr(train_gpt, "read_documents", lambda f: pytest.fail("re-read the source"))
-        assert train_gpt.prepare([source], cache, tok, 0.34, 0) == first
+        m.setattr(text_data, "read_documents", lambda f: pytest.fail("re-read the source"))
+        assert text_data.prepare([source], cache, tok, 0.34, 0) == first
 
     with open(cache / "train.bin", "r+b") as f:
         f.truncate(len(train_bytes) - 6)
-    train_gpt.prepare([source], cache, tok, 0.34, 0)
+    text_data.prepare([source], cache, tok, 0.34, 0)
     assert "truncated" in capsys.readouterr().out
     assert (cache / "train.bin").read_bytes() == train_bytes
 
     write_corpus(source, DOCS + ["a new document arrives. " * 5], "jsonl")
-    changed = train_gpt.prepare([source], cache, tok, 0.34, 0)
+    changed = text_data.prepare([source], cache, tok, 0.34, 0)
     assert "stale" in capsys.readouterr().out
     assert changed["n_docs"] == len(DOCS) + 1
 
@@ -861,7 +861,7 @@ def test_local_bpe_files_give_the_gpt2_tokenizer_when_shared_data_is_there():
     shared = Path(__file__).resolve().parent.parent / "shared" / "data" / "gpt2-bpe"
     if not shared.is_dir():
         pytest.skip("../shared/data/gpt2-bpe is not beside this checkout")
-    tok = train_gpt.load_tokenizer(shared)
+    tok = text_data.load_tokenizer(shared)
     assert tok.encode_ordinary("hello world") == [31373, 995] and tok.eot_token == 50256
 
 
@@ -881,7 +881,7 @@ def test_train_gpt_every_optimizer_lowers_the_loss(tmp_path, bpe):
     data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
     train_gpt.main(gpt_args(tmp_path, data, bpe, "--optimizer", ",".join(NAMES), "--lr", "1e-2",
                             "--max-steps", "30", "--eval-every", "10"))
-    vocab = train_gpt.load_tokenizer(bpe).n_vocab
+    vocab = text_data.load_tokenizer(bpe).n_vocab
     for name in NAMES:
         log = read_run_log(tmp_path, f"{name}-lr0.01-s0")
         assert [e["step"] for e in log] == [10, 20, 30]
@@ -1068,8 +1068,8 @@ def test_train_gpt_sweep_reuses_finished_runs_resumes_stopped_ones_and_summarize
 
 def test_train_gpt_byte_tokenizer_keeps_its_own_cache_and_its_checkpoints(tmp_path, bpe):
     data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
-    tok = train_gpt.load_tokenizer(kind="bytes")
-    meta = train_gpt.prepare([data], tmp_path / "bytes", tok, val_fraction=0.34, seed=0)
+    tok = text_data.load_tokenizer(kind="bytes")
+    meta = text_data.prepare([data], tmp_path / "bytes", tok, val_fraction=0.34, seed=0)
     tokens = np.concatenate([np.fromfile(tmp_path / "bytes" / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
     assert meta["n_vocab"] == 257 and tokens.max() == meta["eot"] == 256
     assert sorted(bytes(d[:-1]).decode() for d in split_docs(tokens, 256)) == sorted(set(DOCS))
@@ -1153,7 +1153,7 @@ def test_train_gpt_offline_without_cache_names_the_url_and_the_alternative(tmp_p
     import tiktoken
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(train_gpt.ReportedError, match="--bpe-dir"):
-        train_gpt.load_tokenizer(None)
+        text_data.load_tokenizer(None)
 
 
 # =============================================================================

@@ -16,9 +16,8 @@ device as uint8; random crops (4-pixel padding) and flips are done there on the 
 epoch at once, as airbench does: no DataLoader, no per-image Python.
 
 Each run writes --out-dir/<dataset>-<net>-<optimizer>-lr<lr>-s<seed>/: log.jsonl (one line
-per epoch), ckpt.pt (after every epoch, atomic; --resume continues exactly) and run.json.
-Command-line checks, checkpoint loading and downloads work as in train_gpt.py and come
-from there; run folders and their tables behave the same way too.
+per epoch), ckpt.pt (after every epoch, atomic; --resume continues exactly) and run.json;
+run folders, downloads and command-line checks are train_gpt.py's (results/runs.py).
 
 Measured (results/README.md): the small net at --width 16 (125k parameters), 2 epochs on
 all of CIFAR-10, about a minute of training on one core of a 2-core AMD EPYC, reaches
@@ -47,9 +46,9 @@ from tqdm import tqdm
 
 import reg
 from results import summarize
-from results.runs import (Parser, ReportedError, check_device, default_bf16, download, existing_path, folder_path,
-                          load_checkpoint, number, optimizer_list, precision_note, resumed, runs_to_do,
-                          write_atomic)
+from results.runs import (Parser, ReportedError, check_device, default_bf16, download, existing_path,
+                          folder_path, load_checkpoint, number, optimizer_list, precision_note,
+                          read_log, resumed_settings, runs_to_do, save_atomic, write_run_json)
 
 # -----------------------------------------------------------------------------
 # Settings: per-net sizes and every other default, in one place
@@ -100,10 +99,8 @@ def fetch_archive(spec, cache_dir):
     fresh = not archive.exists()
     if fresh:
         download(spec["url"], archive, spec["bytes"], f"point --data-dir at an extracted {spec['folder']}/ folder")
-    digest = hashlib.md5()
     with open(archive, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+        digest = hashlib.file_digest(f, "md5")
     if digest.hexdigest() != spec["md5"]:
         if fresh:
             archive.unlink()
@@ -274,10 +271,10 @@ def start(args, name, lr, seed, run_dir, resume):
     one seed) or restored from the run's checkpoint."""
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    # One memory layout for the model and every batch. channels_last is faster on CUDA
-    # tensor cores, and on a CPU for the small net (850 vs 700 images/s here). On a CPU,
-    # ResNet-18 keeps the plain layout: oneDNN's channels_last backward of its strided 1x1
-    # shortcut conv crashes (segfault) on an odd-sized batch with 2+ threads (torch 2.13).
+    # One memory layout for the model and every batch: channels_last, faster on CUDA and
+    # for the small net on a CPU (850 vs 700 images/s here). ResNet-18 on a CPU keeps the
+    # plain layout: oneDNN's channels_last backward of its strided 1x1 shortcut conv
+    # segfaults on an odd-sized batch with 2+ threads (torch 2.13).
     layout = torch.channels_last if args.device.startswith("cuda") or args.net == "small" else torch.contiguous_format
     model = NETS[args.net](DATASETS[args.dataset]["classes"], args.width).to(args.device, memory_format=layout)
     opt = reg.build_optimizer(name, model, lr=lr, weight_decay=args.weight_decay)
@@ -291,8 +288,7 @@ def start(args, name, lr, seed, run_dir, resume):
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         run.epoch, run.elapsed = saved["epoch"], saved["elapsed"]
-        lines = (run_dir / "log.jsonl").read_text().splitlines()
-        run.log = [e for e in map(json.loads, lines) if e["epoch"] <= run.epoch]
+        run.log = read_log(run_dir, "epoch", run.epoch)
     (run_dir / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in run.log))
     if args.compile:
         reg.use_compiled_math()
@@ -353,29 +349,24 @@ def train(args, name, lr, seed, data, run_dir, resume=False):
 
 
 def save(run, entry):
-    """The epoch's log line, then ckpt.pt through a temporary name (a crash mid-write leaves
-    the previous checkpoint whole)."""
+    """The epoch's log line, then ckpt.pt (atomically)."""
     run.log.append(entry)
     with open(run.dir / "log.jsonl", "a") as f:
         f.write(json.dumps(entry) + "\n")
-    torch.save(dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), epoch=entry["epoch"],
-                    elapsed=run.elapsed, optimizer_name=run.name, lr=run.lr, seed=run.seed,
-                    args=vars(run.args)), run.dir / "ckpt.pt.tmp")
-    (run.dir / "ckpt.pt.tmp").replace(run.dir / "ckpt.pt")
+    save_atomic(dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), epoch=entry["epoch"],
+                     elapsed=run.elapsed, optimizer_name=run.name, lr=run.lr, seed=run.seed,
+                     args=vars(run.args)), run.dir / "ckpt.pt")
 
 
 def write_record(run, finished):
     """run.json: the run, its settings and, once finished, its results.csv row."""
     last = run.log[-1] if run.log else {}
-    record = dict(script="train_cifar", run=run.dir.name, optimizer=run.name, lr=run.lr, seed=run.seed,
-                  settings={k: v for k, v in vars(run.args).items() if k not in NOT_SETTINGS},
-                  finished=finished, metric="test_top1", lower_is_better=False, curve=["epoch", "test_top1"],
-                  summary=dict(optimizer=run.name, lr=run.lr, seed=run.seed, epochs=last.get("epoch", 0),
-                               test_top1=last.get("test_top1"), test_top5=last.get("test_top5"),
-                               time=round(run.elapsed, 1),
-                               images_per_s=round(sum(e["images_per_s"] * e["epoch_time"] for e in run.log)
-                                                  / max(run.elapsed, 1e-9))))
-    write_atomic(run.dir / "run.json", json.dumps(record, indent=1))
+    images_per_s = sum(e["images_per_s"] * e["epoch_time"] for e in run.log) / max(run.elapsed, 1e-9)
+    write_run_json(run, NOT_SETTINGS, script="train_cifar", finished=finished, metric="test_top1",
+                   lower_is_better=False, curve=["epoch", "test_top1"],
+                   summary=dict(optimizer=run.name, lr=run.lr, seed=run.seed, epochs=last.get("epoch", 0),
+                                test_top1=last.get("test_top1"), test_top5=last.get("test_top5"),
+                                time=round(run.elapsed, 1), images_per_s=round(images_per_s)))
 
 
 # -----------------------------------------------------------------------------
@@ -416,12 +407,7 @@ def parse_args(argv=None):
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     try:
         if "resume" in given:
-            saved = load_checkpoint(given["resume"], "--resume")
-            args = resumed(given, saved["args"], RESUME_MAY_SET)
-            args.optimizer, args.lr, args.seed = [saved["optimizer_name"]], [saved["lr"]], [saved["seed"]]
-            if args.epochs <= saved["epoch"]:
-                raise ValueError(f"--resume {given['resume']}: the run is at epoch {saved['epoch']} of "
-                                 f"{args.epochs}; pass --epochs above {saved['epoch']} to train it further")
+            args = resumed_settings(given, RESUME_MAY_SET, "epoch", "epochs")
         else:
             device = given.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
             net = given.get("net") or ("resnet18" if device.startswith("cuda") else "small")

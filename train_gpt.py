@@ -11,15 +11,13 @@ train_gpt.py: train a GPT (nanoGPT-style) on openwebtext-100k with any optimizer
     python results/summarize.py out/gpt                   # tables and figures of a folder
 
 The default data is Elriggs/openwebtext-100k (one 303 MB Parquet file from the Hugging Face
-hub), tokenized once with GPT-2 BPE into uint16 files under --cache-dir. --data trains on
-local text instead: Parquet with a `text` column, JSON Lines (optionally .gz) with a `text`
-field, plain .txt (one document per file), or a directory of them.
+hub), tokenized once with GPT-2 BPE into uint16 files under --cache-dir; --data trains on
+local text instead (Parquet, JSON Lines, .txt or a folder of them: results/text_data.py).
 
 Each run writes --out-dir/<optimizer>-lr<lr>-s<seed>/: log.jsonl (one line per eval),
-ckpt.pt (model, optimizer, step, RNG and data position; atomic) and run.json (settings and
-summary). After its runs, the folder's results.csv and figures are rebuilt from every
-finished run in it. A folder holds runs of one setting: rerun the same command and finished
-runs are reused, stopped ones resumed.
+ckpt.pt (everything an exact resume needs; atomic) and run.json (settings and summary);
+then the folder's results.csv and figures are rebuilt. A folder holds runs of one setting:
+rerun the same command and finished runs are reused, stopped ones resumed.
 
 Measured (results/README.md): the `small` preset with --tokenizer bytes (0.85M parameters,
 300 steps of 16x128 bytes of an OpenWebText sample, 47-71 s of training on one core of a
@@ -31,11 +29,9 @@ numbers have been measured yet.
 """
 
 import argparse
-import gzip
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -50,9 +46,12 @@ from tqdm import tqdm
 
 import reg
 from results import summarize
-from results.runs import (Parser, ReportedError, check_device, default_bf16, download, existing_path, folder_path,
-                          load_checkpoint, number, optimizer_list, precision_note, resumed, runs_to_do,
-                          write_atomic)
+from results.directions import inspect_matrix
+from results.runs import (Parser, ReportedError, check_device, default_bf16, download, existing_path,
+                          folder_path, load_checkpoint, mean_over_processes, number, optimizer_list,
+                          precision_note, read_log, resumed_settings, runs_to_do, save_atomic,
+                          start_distributed, write_run_json)
+from results.text_data import load_tokenizer, prepare, text_files
 
 # -----------------------------------------------------------------------------
 # Settings: the sizes (presets) and every other default, in one place
@@ -92,142 +91,12 @@ RESUME_MAY_SET = ("max_steps", "device", "compile", "quiet", "log_every", "peak_
 
 
 # -----------------------------------------------------------------------------
-# Data: download, read, tokenize once, cache
+# Data: a token cache made once from the text (results/text_data.py), read in random windows
 # -----------------------------------------------------------------------------
 
 OWT_URL = ("https://huggingface.co/datasets/Elriggs/openwebtext-100k/resolve/main/"
            "data/train-00000-of-00001-10a4de027237eace.parquet")
 OWT_BYTES = 302_558_045
-CACHE_VERSION = 2  # bump when the cache layout or the split rule changes
-
-
-SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".txt")
-
-
-def text_files(path):
-    """The files --data names: the file itself, or the readable files in a directory."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.name.endswith(SUFFIXES))
-    if not files:
-        raise ReportedError(f"--data {path}: no .parquet, .jsonl, .jsonl.gz or .txt files in it")
-    if not files[0].name.endswith(SUFFIXES):
-        raise ReportedError(f"--data {path}: unknown format; use .parquet (with a `text` column), "
-                            ".jsonl or .jsonl.gz (a `text` field per line) or .txt")
-    return files
-
-
-def read_documents(file):
-    """The documents in one file, as a list of str."""
-    if file.name.endswith(".parquet"):
-        import pyarrow.parquet as pq  # only needed for Parquet, the format the hub serves
-        try:
-            schema = pq.read_schema(file)
-        except Exception as e:  # pyarrow raises its own error types for bad files
-            raise ReportedError(f"{file}: not a readable Parquet file ({e})") from None
-        if "text" not in schema.names:
-            raise ReportedError(f"{file}: no `text` column (columns: {', '.join(schema.names)})")
-        return [t for t in pq.read_table(file, columns=["text"]).column("text").to_pylist() if t]
-    try:
-        if file.name.endswith(".txt"):
-            return [text] if (text := file.read_text(encoding="utf-8")) else []
-        with (gzip.open if file.name.endswith(".gz") else open)(file, "rt", encoding="utf-8") as f:
-            records = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
-    except UnicodeDecodeError as e:
-        raise ReportedError(f"{file}: not UTF-8 text ({e})") from None
-    except json.JSONDecodeError as e:
-        raise ReportedError(f"{file}: a line is not JSON ({e})") from None
-    for line_number, record in records:
-        if not isinstance(record, dict) or "text" not in record:
-            raise ReportedError(f"{file}, line {line_number}: no `text` field")
-    return [record["text"] for _, record in records if record["text"]]
-
-
-class ByteTokenizer:
-    """Each UTF-8 byte is a token (0-255), 256 ends a document. With 257 symbols the
-    embedding and head are tiny, so nearly every weight is a hidden matrix that the matrix
-    optimizers train, and a CPU spends its time in the blocks rather than in a 50k-way
-    softmax: the setting in which optimizers of hidden matrices can be compared on a CPU.
-    Losses are per byte, so they are not comparable with GPT-2 BPE losses (per token)."""
-    name, n_vocab, eot_token = "bytes", 257, 256
-
-    def encode_ordinary_batch(self, texts):
-        return [list(text.encode("utf-8")) for text in texts]
-
-
-def load_tokenizer(bpe_dir=None, kind="gpt2"):
-    """--tokenizer bytes, or GPT-2 BPE through tiktoken as nanoGPT does. tiktoken downloads
-    its two files on first use; offline, --bpe-dir names a folder with encoder.json and
-    vocab.bpe (byte-identical copies, e.g. ../shared/data/gpt2-bpe)."""
-    if kind == "bytes":
-        return ByteTokenizer()
-    import tiktoken
-    if bpe_dir is None:
-        try:
-            return tiktoken.get_encoding("gpt2")
-        except Exception as e:  # tiktoken surfaces network failures as assorted errors
-            raise ReportedError(f"could not load the GPT-2 tokenizer ({type(e).__name__}: {e}). "
-                                "Offline? Pass --bpe-dir DIR with encoder.json and vocab.bpe, "
-                                "e.g. --bpe-dir ../shared/data/gpt2-bpe") from None
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
-    for name in ("encoder.json", "vocab.bpe"):
-        if not (Path(bpe_dir) / name).is_file():
-            raise ReportedError(f"--bpe-dir {bpe_dir}: {name} is missing")
-    ranks = data_gym_to_mergeable_bpe_ranks(str(Path(bpe_dir) / "vocab.bpe"), str(Path(bpe_dir) / "encoder.json"))
-    return tiktoken.Encoding(name="gpt2-local", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": len(ranks)})
-
-
-def prepare(files, cache_dir, tokenizer, val_fraction, seed):
-    """Tokenize `files` into cache_dir/{train,val}.bin (uint16) plus meta.json, or reuse a
-    cache that matches. Documents are split into train and val by a seeded permutation,
-    with <|endoftext|> after every document. A single document (one .txt) is split by
-    position instead: its last `val_fraction` of tokens is val, as nanoGPT does for
-    Shakespeare. Exact duplicate documents are dropped (a copy in val would be in train)."""
-    cache_dir = Path(cache_dir)
-    sources = [[str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in files]
-    want = dict(version=CACHE_VERSION, sources=sources, tokenizer=tokenizer.name,
-                n_vocab=tokenizer.n_vocab, val_fraction=val_fraction, seed=seed)
-    if (cache_dir / "meta.json").exists():
-        meta = json.loads((cache_dir / "meta.json").read_text())
-        if {k: meta.get(k) for k in want} != json.loads(json.dumps(want)):
-            print(f"cache {cache_dir} is stale (the data or settings changed): tokenizing again")
-        elif not all((cache_dir / f"{s}.bin").exists() and
-                     (cache_dir / f"{s}.bin").stat().st_size == 2 * meta[f"{s}_tokens"] for s in ("train", "val")):
-            print(f"cache {cache_dir} is truncated or incomplete: tokenizing again")
-        else:
-            return meta
-    docs = [d for f in tqdm(files, desc="read", disable=len(files) < 2) for d in read_documents(f)]
-    if not docs:
-        raise ReportedError(f"no text in {', '.join(map(str, files))}")
-    if len(unique := list(dict.fromkeys(docs))) < len(docs):
-        print(f"dropped {len(docs) - len(unique):,} exact duplicate documents of {len(docs):,}")
-        docs = unique
-    n_val = 0 if len(docs) == 1 else max(1, round(val_fraction * len(docs)))
-    is_val = np.zeros(len(docs), dtype=bool)
-    is_val[np.random.default_rng(seed).permutation(len(docs))[:n_val]] = True
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    (cache_dir / "meta.json").unlink(missing_ok=True)  # written last: it marks a complete cache
-    tmp = {s: cache_dir / f"{s}.bin.tmp" for s in ("train", "val")}
-    with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
-        for start in tqdm(range(0, len(docs), 256), desc="tokenize", unit="256 docs"):
-            for i, ids in enumerate(tokenizer.encode_ordinary_batch(docs[start:start + 256])):
-                ids.append(tokenizer.eot_token)
-                (f_val if is_val[start + i] else f_train).write(np.asarray(ids, dtype=np.uint16).tobytes())
-    if n_val == 0:  # one document: the tail of its tokens is val
-        tokens = np.fromfile(tmp["train"], dtype=np.uint16)
-        cut = len(tokens) - max(1, round(val_fraction * len(tokens)))
-        tokens[:cut].tofile(tmp["train"])
-        tokens[cut:].tofile(tmp["val"])
-    counts = {s: path.stat().st_size // 2 for s, path in tmp.items()}
-    for split, path in tmp.items():
-        os.replace(path, cache_dir / f"{split}.bin")
-    meta = dict(want, n_docs=len(docs), n_val_docs=n_val, eot=tokenizer.eot_token,
-                train_tokens=counts["train"], val_tokens=counts["val"])
-    write_atomic(cache_dir / "meta.json", json.dumps(meta, indent=1))
-    print(f"tokenized {len(docs):,} documents: {counts['train']:,} train and {counts['val']:,} "
-          f"val tokens in {cache_dir}")
-    return meta
 
 
 def load_data(args, data):
@@ -397,25 +266,6 @@ def lr_factor(step, args):
     return 1.0 - (1.0 - args.min_lr_ratio) * progress
 
 
-def inspect_matrix(opt, p):
-    """reg.matrix_stats of a weight's momentum and of the update direction the optimizer
-    would apply to it now, computed on copies: inspecting never changes the run."""
-    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-    state, (m, n) = opt.state.get(p, {}), reg.matrix_shape(p)
-    if isinstance(opt, reg.MatrixOptimizer) and "momentum_buffer" in state:
-        momentum = state["momentum_buffer"].reshape(m, n).float()
-        copies = [{k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}]
-        update = opt.direction(momentum[None].clone(), copies, group)[0]
-    elif "exp_avg" in state:  # AdamW: the bias-corrected m / (sqrt(v) + eps)
-        (beta1, beta2), step = group["betas"], float(state["step"])
-        momentum = state["exp_avg"].reshape(m, n).float()
-        v_hat = state["exp_avg_sq"].reshape(m, n).float() / (1 - beta2 ** step)
-        update = momentum / (1 - beta1 ** step) / (v_hat.sqrt() + group["eps"])
-    else:
-        return None
-    return dict(momentum=reg.matrix_stats(momentum), update=reg.matrix_stats(update))
-
-
 # -----------------------------------------------------------------------------
 # One run: set up (or resume), train, evaluate, checkpoint
 # -----------------------------------------------------------------------------
@@ -432,22 +282,20 @@ def write_record(run, finished):
     """run.json: who the run is, its settings and, once finished, its results.csv row. A
     fine-tuning run with --also-eval gets its forgetting: how much the other data's val
     loss rose from step 0."""
-    args = run.args
-    record = dict(script="train_gpt", run=run.dir.name, optimizer=run.name, lr=run.lr, seed=run.seed,
-                  settings={k: v for k, v in vars(args).items() if k not in NOT_SETTINGS},
-                  finished=finished, metric="final_val", lower_is_better=True,
-                  curve=["tokens", "val_loss"], also_curve="also_val_loss" if args.also_eval else None)
+    summary = None
     if finished:
         first, last = run.log[0], run.log[-1]
-        record["summary"] = dict(optimizer=run.name, lr=run.lr, seed=run.seed, final_val=last["val_loss"],
-                                 best_val=run.best_val, final_train=last["train_loss"], steps=last["step"],
-                                 tokens=last["tokens"], time=round(run.elapsed, 1),
-                                 tokens_per_s=round(last["tokens"] / max(run.elapsed, 1e-9)))
+        summary = dict(optimizer=run.name, lr=run.lr, seed=run.seed, final_val=last["val_loss"],
+                       best_val=run.best_val, final_train=last["train_loss"], steps=last["step"],
+                       tokens=last["tokens"], time=round(run.elapsed, 1),
+                       tokens_per_s=round(last["tokens"] / max(run.elapsed, 1e-9)))
         if "also_val_loss" in last:
-            record["summary"]["also_val"] = last["also_val_loss"]
+            summary["also_val"] = last["also_val_loss"]
             if first["step"] == 0:
-                record["summary"]["forgetting"] = last["also_val_loss"] - first["also_val_loss"]
-    write_atomic(run.dir / "run.json", json.dumps(record, indent=1))
+                summary["forgetting"] = last["also_val_loss"] - first["also_val_loss"]
+    write_run_json(run, NOT_SETTINGS, script="train_gpt", finished=finished, metric="final_val",
+                   lower_is_better=True, curve=["tokens", "val_loss"], summary=summary,
+                   also_curve="also_val_loss" if run.args.also_eval else None)
 
 
 def start(args, name, lr, seed, data, run_dir, resume):
@@ -489,8 +337,7 @@ def start(args, name, lr, seed, data, run_dir, resume):
         run.train_batches.generator.set_state(resumed["rng"]["data"])
         if args.device.startswith("cuda") and resumed["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(resumed["rng"]["cuda"], args.device)
-        lines = (run_dir / "log.jsonl").read_text().splitlines()
-        run.log = [e for e in map(json.loads, lines) if e["step"] <= run.step]  # the rest is redone
+        run.log = read_log(run_dir, "step", run.step)
     if run.writes:
         (run_dir / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in run.log))
         write_record(run, finished=False)
@@ -584,14 +431,6 @@ def evaluate_and_save(run, step, train_loss):
             save_checkpoint(run, step)
 
 
-def mean_over_processes(values, world):
-    """The mean of `values` over the processes of a torchrun launch (itself without one)."""
-    if world > 1:
-        torch.distributed.all_reduce(values)  # a sum: gloo has no average
-        values = values / world
-    return values
-
-
 def check_finite(losses, done, run, bar):
     bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
     if bad:
@@ -602,15 +441,13 @@ def check_finite(losses, done, run, bar):
 
 
 def save_checkpoint(run, step):
-    """ckpt.pt through a temporary name: a crash mid-write never replaces the last good
-    checkpoint with half of a new one. It holds everything an exact resume needs."""
+    """ckpt.pt, atomically: everything an exact resume needs."""
     device = torch.device(run.args.device)
     rng = dict(torch=torch.get_rng_state(), data=run.train_batches.generator.get_state(),
                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-    torch.save(dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), model_config=asdict(run.cfg),
-                    step=step, best_val=run.best_val, elapsed=run.elapsed, optimizer_name=run.name,
-                    lr=run.lr, seed=run.seed, args=vars(run.args), rng=rng), run.dir / "ckpt.pt.tmp")
-    os.replace(run.dir / "ckpt.pt.tmp", run.dir / "ckpt.pt")
+    save_atomic(dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), model_config=asdict(run.cfg),
+                     step=step, best_val=run.best_val, elapsed=run.elapsed, optimizer_name=run.name,
+                     lr=run.lr, seed=run.seed, args=vars(run.args), rng=rng), run.dir / "ckpt.pt")
 
 
 # -----------------------------------------------------------------------------
@@ -664,7 +501,7 @@ def parse_args(argv=None):
     p = make_parser()
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     try:
-        args = resumed_settings(given) if "resume" in given else fresh_settings(given)
+        args = resumed_settings(given, RESUME_MAY_SET, "step", "max_steps") if "resume" in given else fresh_settings(given)
         check_device(args.device)
         if args.n_embd % args.n_head:
             raise ValueError(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
@@ -687,16 +524,6 @@ def fresh_settings(given):
         print(f"note: the preset's {args.warmup_steps} warmup steps do not fit in --max-steps "
               f"{args.max_steps}: warming up for {short} (pass --warmup-steps to choose)")
         args.warmup_steps = short
-    return args
-
-
-def resumed_settings(given):
-    saved = load_checkpoint(given["resume"], "--resume")
-    args = resumed(given, saved["args"], RESUME_MAY_SET)
-    args.optimizer, args.lr, args.seed = [saved["optimizer_name"]], [saved["lr"]], [saved["seed"]]
-    if args.max_steps <= saved["step"]:
-        raise ValueError(f"--resume {given['resume']}: the run is at step {saved['step']} of "
-                         f"{args.max_steps}; pass --max-steps above {saved['step']} to train it further")
     return args
 
 
@@ -743,24 +570,6 @@ def describe(args, meta):
         args.peak_tflops = args.peak_tflops or known_peak_tflops(name, args.bf16)
         print(f"device: {name}; MFU against "
               + (f"{args.peak_tflops:g} TFLOPS" if args.peak_tflops else "nothing (pass --peak-tflops)"))
-
-
-def start_distributed(args):
-    """Under torchrun: join the process group (NCCL on CUDA, gloo on a CPU), take this
-    process's GPU, and let rank 0 alone print. Sets args.rank and args.world (0 and 1
-    without torchrun, where nothing else changes)."""
-    args.rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if args.world == 1:
-        return
-    if args.grad_accum % args.world:
-        raise ReportedError(f"--grad-accum {args.grad_accum} must be divisible by the {args.world} "
-                            "processes: each takes an equal share of a step's micro-batches")
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(args.device)
-    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    if args.rank > 0:
-        args.quiet, sys.stdout = True, open(os.devnull, "w")  # one process speaks for all
 
 
 def main(argv=None):

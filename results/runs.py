@@ -38,6 +38,21 @@ def write_atomic(path, text):
     os.replace(tmp, path)  # a crash mid-write leaves the previous file whole
 
 
+def write_run_json(run, not_settings, **fields):
+    """run.json, atomically: which run this is, its settings (every flag but those in
+    `not_settings`: what the runs of one folder share) and the script's own fields
+    (finished, metric, curve, summary: what summarize.py reads)."""
+    record = dict(run=run.dir.name, optimizer=run.name, lr=run.lr, seed=run.seed,
+                  settings={k: v for k, v in vars(run.args).items() if k not in not_settings}, **fields)
+    write_atomic(run.dir / "run.json", json.dumps(record, indent=1))
+
+
+def read_log(run_dir, key, upto):
+    """A resumed run's log.jsonl up to its checkpoint (`key` <= `upto`): the rest is redone."""
+    lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e[key] <= upto]
+
+
 def load_checkpoint(path, what):
     path = Path(path) / "ckpt.pt" if Path(path).is_dir() else Path(path)
     if not path.is_file():
@@ -75,19 +90,33 @@ def runs_to_do(args, not_settings, run_name):
     return todo
 
 
-def resumed(given, saved_args, may_set):
-    """--resume RUN: the run's own settings; only the flags in `may_set` may change."""
-    changed = sorted(k for k in given if k not in may_set + ("resume",) and given[k] != saved_args.get(k))
+def resumed_settings(given, may_set, progress, limit):
+    """--resume RUN: the run's own settings from its checkpoint; only the flags in `may_set`
+    may change, and `limit` ("max_steps", "epochs") must lie beyond its `progress`."""
+    saved = load_checkpoint(given["resume"], "--resume")
+    changed = sorted(k for k in given if k not in may_set + ("resume",) and given[k] != saved["args"].get(k))
     if changed:
         raise ValueError(f"--{changed[0].replace('_', '-')} cannot change when resuming (the run "
                          f"continues with its own settings); --resume may set: "
                          + ", ".join("--" + k.replace("_", "-") for k in may_set))
-    args = argparse.Namespace(**{**saved_args, **given})
+    args = argparse.Namespace(**{**saved["args"], **given})
     args.resume = str(Path(given["resume"]).parent if Path(given["resume"]).is_file() else given["resume"])
+    args.optimizer, args.lr, args.seed = [saved["optimizer_name"]], [saved["lr"]], [saved["seed"]]
     if args.device.startswith("cuda") and not torch.cuda.is_available() and "device" not in given:
         raise ValueError(f"the run was trained on {args.device} and CUDA is not available here: "
                          "pass --device cpu to continue it on the CPU")
+    if getattr(args, limit) <= saved[progress]:
+        flag = "--" + limit.replace("_", "-")
+        raise ValueError(f"--resume {given['resume']}: the run is at {progress} {saved[progress]} of "
+                         f"{getattr(args, limit)}; pass {flag} above {saved[progress]} to train it further")
     return args
+
+
+def save_atomic(checkpoint, path):
+    """torch.save through a temporary name: a crash mid-write never replaces the last good
+    checkpoint with half of a new one."""
+    torch.save(checkpoint, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
 # -----------------------------------------------------------------------------
@@ -207,3 +236,33 @@ def precision_note(args):
     why = "this CPU multiplies bfloat16 natively" if native else "this CPU has no native bfloat16 (avx512_bf16 or AMX)"
     return (f"precision: {'bfloat16 autocast, float32 weights' if args.bf16 else 'float32'}: {why}"
             f"{'' if args.bf16 == native else ' (chosen by flag)'}; --bf16 / --no-bf16 to choose")
+
+
+# -----------------------------------------------------------------------------
+# Several processes: torchrun
+# -----------------------------------------------------------------------------
+
+def start_distributed(args):
+    """Under torchrun: join the process group (NCCL on CUDA, gloo on a CPU), take this
+    process's GPU, and let rank 0 alone print. Sets args.rank and args.world (0 and 1
+    without torchrun, where nothing else changes)."""
+    args.rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.world == 1:
+        return
+    if args.grad_accum % args.world:
+        raise ReportedError(f"--grad-accum {args.grad_accum} must be divisible by the {args.world} "
+                            "processes: each takes an equal share of a step's micro-batches")
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if args.rank > 0:
+        args.quiet, sys.stdout = True, open(os.devnull, "w")  # one process speaks for all
+
+
+def mean_over_processes(values, world):
+    """The mean of `values` over the processes of a torchrun launch (itself without one)."""
+    if world > 1:
+        torch.distributed.all_reduce(values)  # a sum: gloo has no average
+        values = values / world
+    return values
