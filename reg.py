@@ -339,9 +339,12 @@ def describe_groups(groups, max_names=6):
 # -----------------------------------------------------------------------------
 
 def finite_in(low, high=math.inf, high_open=False):
-    """A check that a value is a finite real number in [low, high] (or [low, high))."""
-    return (lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-            and (low <= x < high if high_open else low <= x <= high)), f"a finite number in [{low:g}, {high:g}{')' if high_open else ']'}"
+    """A check that a value is a finite real number in [low, high] (or [low, high)), and
+    the words an error uses for it."""
+    def ok(x):
+        real = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        return real and (low <= x < high if high_open else low <= x <= high)
+    return ok, f"a finite number in [{low:g}, {high:g}{')' if high_open else ']'}"
 
 
 def one_of(*choices):

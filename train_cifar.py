@@ -17,7 +17,7 @@ epoch at once, as airbench does: no DataLoader, no per-image Python.
 
 Each run writes --out-dir/<dataset>-<net>-<optimizer>-lr<lr>-s<seed>/: log.jsonl (one line
 per epoch), ckpt.pt (after every epoch, atomic; --resume continues exactly) and run.json;
-run folders, downloads and command-line checks are train_gpt.py's (results/runs.py).
+run folders, downloads and command-line checks work as in train_gpt.py (results/runs.py).
 
 Measured (results/README.md): the small net at --width 16 (125k parameters), 2 epochs on
 all of CIFAR-10, about a minute of training on one core of a 2-core AMD EPYC, reaches
