@@ -11,9 +11,10 @@ run only where a GPU is present.
 """
 
 import argparse
+import contextlib
 import gzip
 import hashlib
-import contextlib
+import importlib
 import io
 import json
 import math
@@ -1622,15 +1623,18 @@ def test_every_command_on_the_pages_is_accepted_by_its_script(page, tmp_path, mo
     monkeypatch.setattr(train_cifar, "existing_path", str)
     monkeypatch.setattr(train_cifar, "folder_path", str)
     scripts = {"train_gpt.py": train_gpt.make_parser, "train_cifar.py": train_cifar.make_parser}
+    for name in ("benchmark", "directions", "finetune_depth", "speed", "summarize"):
+        scripts[f"results/{name}.py"] = importlib.import_module(f"results.{name}").make_parser
     commands = python_commands(page, tmp_path)
     assert commands, page
     for argv in commands:
         if argv[0] == "-m":
             assert argv[1:3] == ["pytest", "-q"] and argv[3] == "test_reg.py", argv
-        elif argv[0] in scripts:
+        elif argv[0].startswith("../shared/"):  # the data's own tools
+            continue
+        else:  # a script of ours, and its arguments as its parser reads them
+            assert argv[0] in scripts, argv
             scripts[argv[0]]().parse_args(argv[1:])
-        else:
-            assert (ROOT / argv[0]).is_file() or argv[0].startswith("../shared/"), argv
 
 
 def test_the_quick_start_and_the_python_snippets_run_as_written(tmp_path, monkeypatch):

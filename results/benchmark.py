@@ -95,7 +95,7 @@ def benchmark(device="cpu", dtype=torch.float32, blocks=12, steps=5, warmup=2,
         print(f"  {label}: {t * 1e3:.1f} ms/step = {t / t_ref:.3f} x torch.optim.Muon")
 
 
-if __name__ == "__main__":
+def make_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -107,6 +107,11 @@ if __name__ == "__main__":
     add("--torch-muon-blocks", type=int, help="blocks for the torch.optim.Muon comparison (default: --blocks)")
     add("--width", type=int, default=768, help="model width (GPT-2 small: 768)")
     add("--vocab", type=int, default=50257, help="vocabulary (GPT-2: 50257)")
+    return parser
+
+
+if __name__ == "__main__":
+    parser = make_parser()
     args = parser.parse_args()
     if min(args.blocks, args.steps, args.width, args.vocab, args.torch_muon_blocks or 1) < 1 or args.warmup < 0:
         parser.error("--blocks, --steps, --width, --vocab and --torch-muon-blocks must be >= 1, --warmup >= 0")

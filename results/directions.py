@@ -67,12 +67,16 @@ def directions(M):
     return {k: v * min(M.shape) ** 0.5 / v.norm() for k, v in out.items()}
 
 
-def main(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("run", help="a train_gpt.py run folder or its ckpt.pt")
     p.add_argument("--weight", default="blocks.1.mlp.0.weight", help="a hidden weight matrix of the model")
     p.add_argument("--out", default=str(Path(__file__).parent / "directions.png"), help="the figure")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
     path = Path(args.run) / "ckpt.pt" if Path(args.run).is_dir() else Path(args.run)
     if not path.is_file():
         raise SystemExit(f"error: {args.run}: no checkpoint there")

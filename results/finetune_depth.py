@@ -13,6 +13,7 @@ along its lr sweep (seed 0) while forgetting no more than AdamW does at AdamW's 
 then the same at the forgetting of each lr of AdamW's sweep, minus AdamW's own there.
 """
 
+import argparse
 import csv
 import math
 import statistics
@@ -76,12 +77,24 @@ def mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def depth_and_folder(text):
+    depth, _, folder = text.partition(":")
+    if not depth.isdigit() or not folder:
+        raise argparse.ArgumentTypeError(f"{text!r} is not DEPTH:FOLDER, e.g. 1000:out/ft-depth-1000")
+    return int(depth), folder
+
+
+def make_parser():
+    p = argparse.ArgumentParser(prog="finetune_depth.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="*", type=depth_and_folder,
+                   help="DEPTH:FOLDER, one per pre-training depth (none: redraw from the CSV)")
+    return p
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not all(":" in a and a.split(":", 1)[0].isdigit() for a in argv):
-        sys.exit("usage: python results/finetune_depth.py [DEPTH:FOLDER ...] (no argument: redraw from the CSV)")
-    if argv:
-        all_rows = [row for arg in argv for row in read_folder(int(arg.split(":", 1)[0]), arg.split(":", 1)[1])]
+    runs = make_parser().parse_args(argv).runs
+    if runs:
+        all_rows = [row for depth, folder in runs for row in read_folder(depth, folder)]
         summarize.write_csv(all_rows, HERE / "finetune-depth.csv")
     else:
         all_rows = read_table(HERE / "finetune-depth.csv")

@@ -125,7 +125,7 @@ def attention_ms(heads, context, head_size, dtype, reps=10):
     return 1e3 * statistics.median(times[2:])
 
 
-def main(argv=None):
+def make_parser():
     parser = argparse.ArgumentParser(prog="speed.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--nanogpt", help="a clone of github.com/karpathy/nanoGPT (left out: ours only)")
     parser.add_argument("--cifar-data", help="an extracted CIFAR-100 python folder: also time train_cifar.py")
@@ -133,6 +133,11 @@ def main(argv=None):
     parser.add_argument("--sizes", default=",".join(GPT_SIZES), help="comma list of " + ", ".join(GPT_SIZES))
     parser.add_argument("--reps", type=int, default=3, help="rounds of interleaved runs (3)")
     parser.add_argument("--attention", action="store_true", help="also time attention in float32 and bfloat16")
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
     sizes = [size for size in args.sizes.split(",") if size]  # --sizes "": no GPT
     for problem, ok in ((f"--sizes takes {', '.join(GPT_SIZES)}", set(sizes) <= set(GPT_SIZES)),

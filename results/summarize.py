@@ -17,6 +17,7 @@ The training scripts call `report` after their runs, so a folder's files always 
 every finished run in it. matplotlib is optional: without it, the tables only.
 """
 
+import argparse
 import json
 import math
 import os
@@ -224,15 +225,18 @@ def plot_track(plt, runs, path):
     save(plt, fig, path)
 
 
+def make_parser():
+    p = argparse.ArgumentParser(prog="summarize.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", help="an --out-dir of train_gpt.py or train_cifar.py")
+    return p
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0].startswith("-"):
-        sys.exit("usage: python results/summarize.py RUNS_FOLDER  (an --out-dir of train_gpt.py "
-                 "or train_cifar.py)")
-    if not Path(argv[0]).is_dir():
-        sys.exit(f"error: {argv[0]}: no such folder")
+    folder = make_parser().parse_args(argv).folder
+    if not Path(folder).is_dir():
+        sys.exit(f"error: {folder}: no such folder")
     try:
-        report(argv[0])
+        report(folder)
     except SweepError as e:
         sys.exit(f"error: {e}")
 
