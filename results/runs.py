@@ -2,9 +2,10 @@
 results/runs.py: what train_gpt.py and train_cifar.py share, none of it about optimizers.
 
 Run folders (which runs a command still has to do, resuming one with its own settings,
-atomic writes, checkpoints), downloads, the command line's checks, and the choice of
-precision. Every problem a user can cause is a ReportedError: one line, no traceback.
-results/summarize.py then turns the run folders into tables and figures.
+atomic writes, checkpoints), downloads, the command line's checks, the choice of
+precision, and joining a torchrun launch. Every problem a user can cause is a
+ReportedError: one line, no traceback. results/summarize.py then turns the run folders
+into tables and figures.
 """
 
 import argparse
