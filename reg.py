@@ -530,7 +530,7 @@ class MuonEq(Muon):
     method_defaults = dict(Muon.method_defaults, mode="R")
 
     def direction(self, U, states, group):
-        return super().direction(equilibrate(U, group["mode"]), states, group)
+        return newton_schulz(equilibrate(U, group["mode"]), steps=group["ns_steps"], dtype=group["ns_dtype"])
 
 
 class NorMuon(Muon):
@@ -545,7 +545,7 @@ class NorMuon(Muon):
     exact_rms = True
 
     def direction(self, U, states, group):
-        O = super().direction(U, states, group)
+        O = newton_schulz(U, steps=group["ns_steps"], dtype=group["ns_dtype"])
         for s in states:  # one running mean square per row, in the momentum's dtype
             if "row_mean_square" not in s:
                 s["row_mean_square"] = torch.zeros(U.shape[-2], 1, dtype=U.dtype, device=U.device)
