@@ -173,6 +173,21 @@ def augment(images, generator, pad=4):
     return padded[n, :, rows, cols].permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
 
 
+def load_data(args):
+    """All four tensors on the device: normalized images (bf16 on CUDA) and labels."""
+    folder = Path(args.data_dir) if args.data_dir else extracted_folder(args.dataset, args.cache_dir)
+    if not folder.is_dir():
+        raise ReportedError(f"--data-dir {folder}: not a folder (it should be an extracted "
+                            f"{DATASETS[args.dataset]['folder']}/ folder)")
+    train_x, train_y = read_split(folder, args.dataset, "train")
+    test_x, test_y = read_split(folder, args.dataset, "test")
+    if args.subset:
+        train_x, train_y = train_x[:args.subset], train_y[:args.subset]
+    dtype = torch.bfloat16 if args.device.startswith("cuda") and args.bf16 else torch.float32
+    return (normalize(train_x.to(args.device), args.dataset, dtype), train_y.to(args.device),
+            normalize(test_x.to(args.device), args.dataset, dtype), test_y.to(args.device))
+
+
 # -----------------------------------------------------------------------------
 # Networks
 # -----------------------------------------------------------------------------
@@ -425,21 +440,6 @@ def parse_args(argv=None):
     except ValueError as e:
         p.error(str(e))
     return args
-
-
-def load_data(args):
-    """All four tensors on the device: normalized images (bf16 on CUDA) and labels."""
-    folder = Path(args.data_dir) if args.data_dir else extracted_folder(args.dataset, args.cache_dir)
-    if not folder.is_dir():
-        raise ReportedError(f"--data-dir {folder}: not a folder (it should be an extracted "
-                            f"{DATASETS[args.dataset]['folder']}/ folder)")
-    train_x, train_y = read_split(folder, args.dataset, "train")
-    test_x, test_y = read_split(folder, args.dataset, "test")
-    if args.subset:
-        train_x, train_y = train_x[:args.subset], train_y[:args.subset]
-    dtype = torch.bfloat16 if args.device.startswith("cuda") and args.bf16 else torch.float32
-    return (normalize(train_x.to(args.device), args.dataset, dtype), train_y.to(args.device),
-            normalize(test_x.to(args.device), args.dataset, dtype), test_y.to(args.device))
 
 
 def main(argv=None):
