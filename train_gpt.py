@@ -97,6 +97,8 @@ RESUME_MAY_SET = ("max_steps", "device", "compile", "quiet", "log_every", "peak_
 OWT_URL = ("https://huggingface.co/datasets/Elriggs/openwebtext-100k/resolve/main/"
            "data/train-00000-of-00001-10a4de027237eace.parquet")
 OWT_BYTES = 302_558_045
+OFFLINE = ("train on local text with --data PATH (.parquet, .jsonl[.gz], .txt or a directory), "
+           "e.g. --data ../shared/data/openwebtext-sample")
 
 
 def load_data(args, data):
@@ -111,7 +113,7 @@ def load_data(args, data):
     if data is None and not source.exists() and (cache_dir / "meta.json").exists():
         meta = json.loads((cache_dir / "meta.json").read_text())  # the download was removed
     else:
-        files = text_files(data) if data else [download(OWT_URL, source, OWT_BYTES)]
+        files = text_files(data) if data else [download(OWT_URL, source, OWT_BYTES, OFFLINE)]
         meta = prepare(files, cache_dir, load_tokenizer(args.bpe_dir, args.tokenizer), args.val_fraction,
                        args.data_seed)
     splits = {s: np.memmap(cache_dir / f"{s}.bin", dtype=np.uint16, mode="r") for s in ("train", "val")}

@@ -124,10 +124,10 @@ def save_atomic(checkpoint, path):
 # Downloads
 # -----------------------------------------------------------------------------
 
-def download(url, dest, expected_bytes, alternative="train on local text with --data PATH "
-             "(.parquet, .jsonl[.gz], .txt or a directory), e.g. --data ../shared/data/openwebtext-sample"):
+def download(url, dest, expected_bytes, alternative):
     """Fetch url to dest once, with a progress bar, through a temporary name that is
-    renamed only after the size checks out: an interrupted download never looks complete."""
+    renamed only after the size checks out: an interrupted download never looks complete.
+    `alternative`: what the user can do instead, said when the download fails."""
     dest = Path(dest)
     if dest.exists() and dest.stat().st_size == expected_bytes:
         return dest
