@@ -339,8 +339,7 @@ def describe_groups(groups, max_names=6):
 # -----------------------------------------------------------------------------
 
 def finite_in(low, high=math.inf, high_open=False):
-    """A check that a value is a finite real number in [low, high] (or [low, high)), and
-    the words an error uses for it."""
+    """A check that a value is a finite real number in [low, high] (or [low, high))."""
     def ok(x):
         real = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
         return real and (low <= x < high if high_open else low <= x <= high)
@@ -356,6 +355,7 @@ AN_INT_ABOVE_0 = (lambda n: isinstance(n, int) and not isinstance(n, bool) and n
 # step(), where a NaN lr would silently turn the weights into NaN).
 HYPERPARAMETERS = {
     "lr": finite_in(0), "weight_decay": finite_in(0), "eps": finite_in(0),
+    "betas": ((lambda b: isinstance(b, (tuple, list)) and len(b) == 2), "a pair (beta1, beta2)"),
     "momentum": finite_in(0, 1, True), "betas[0]": finite_in(0, 1, True),
     "betas[1]": finite_in(0, 1, True), "beta2": finite_in(0, 1, True),
     "scale": one_of("rms", "spectral"), "mode": one_of("R", "C", "RC"),
@@ -364,7 +364,8 @@ HYPERPARAMETERS = {
 
 
 def check_hyperparameters(group, where):
-    values = {**group, **{f"betas[{i}]": b for i, b in enumerate(group.get("betas", ()))}}
+    betas = group.get("betas") if isinstance(group.get("betas"), (tuple, list)) else ()
+    values = {**group, **{f"betas[{i}]": b for i, b in enumerate(betas)}}
     for key, (ok, what) in HYPERPARAMETERS.items():
         if key in values and not ok(values[key]):
             raise ValueError(f"{key} must be {what}, got {values[key]!r} {where}")
@@ -382,8 +383,7 @@ class MatrixOptimizer(torch.optim.Optimizer):
     scale "rms" gives updates of RMS ~0.2 (AdamW's lr carries over), "spectral" Keller
     Jordan's sqrt(max(1, m/n)) (use lr ~0.02); betas (0.9, 0.95) and eps (1e-8) are the
     AdamW part's. State is float32 at least (`stat_dtype`). Every matrix rule is invariant
-    to the scale of the gradients, down to Newton-Schulz's floor (||U||_F > 1e-7).
-    """
+    to the scale of the gradients, down to Newton-Schulz's floor (||U||_F > 1e-7)."""
 
     method_defaults = {}  # the method's own options and their defaults
     exact_rms = False     # rescale to RMS exactly 0.2: for directions whose RMS varies

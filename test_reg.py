@@ -676,7 +676,8 @@ def test_bad_hyperparameters_are_named(name):
              (dict(lr=float("inf")), "lr must be a finite"), (dict(momentum=1.0), "momentum"),
              (dict(momentum=-0.1), "momentum"), (dict(weight_decay=-1), "weight_decay must be"),
              (dict(scale="adam"), "scale must be"), (dict(betas=(0.9, 1.5)), r"betas\[1\]"),
-             (dict(nesterove=False), "unexpected option")]
+             (dict(betas=0.9), r"betas must be a pair \(beta1, beta2\), got 0.9"),
+             (dict(betas=(0.9,)), "betas must be a pair"), (dict(nesterove=False), "unexpected option")]
     for kw, message in cases:
         with pytest.raises((ValueError, TypeError), match=message):
             reg.build_optimizer(name, model, **kw)
