@@ -4,7 +4,7 @@ train_gpt.py and train_cifar.py (data preparation, training, resume, clear error
     python -m pytest -q test_reg.py
 
 The tests follow reg.py's order (the math, routing, the optimizers), then the two training
-scripts and the results tool. Each checks one property (a formula, a caveat the docs
+scripts and the results tools. Each checks one property (a formula, a caveat the docs
 state, the optimizer contract of torch.optim, a promise of the scripts) and fails when that
 property breaks. Everything runs on the CPU with small fixtures made here; the CUDA tests
 run only where a GPU is present.
