@@ -47,7 +47,7 @@ def read_folder(depth, folder):
 def read_table(path):
     """The rows of a finetune-depth.csv written earlier, with their types back."""
     types = dict(pretrain_steps=int, optimizer=str, lr=float, seed=int, new_task_loss=float, forgetting=float)
-    return [{k: types[k](v) for k, v in row.items()} for row in csv.DictReader(open(path))]
+    return [{k: types[k](v) for k, v in row.items()} for row in csv.DictReader(path.read_text().splitlines())]
 
 
 def depth_table(rows):
