@@ -7,6 +7,7 @@ side by side with nanoGPT's own train.py on the same model, batch and data.
     python results/speed.py --reps 1 --sizes 4x128        # ours only, one size, once
     python results/speed.py --sizes "" --cifar-data DIR   # train_cifar.py only
     python results/speed.py --sizes "" --attention        # attention alone, float32 and bfloat16
+    python results/speed.py --sizes "" --profile          # where a 6x384 bfloat16 step's time goes
 
 Each measurement is a real run of a script (AdamW, lr 4e-3) in its own process, and the
 runs interleave (ours in bfloat16, ours in float32, nanoGPT, then all again), so that a
@@ -125,6 +126,55 @@ def attention_ms(heads, context, head_size, dtype, reps=10):
     return 1e3 * statistics.median(times[2:])
 
 
+def matmul_gflops(n, dtype, seconds=2.0):
+    """GFLOP/s of an n x n by n x n product in `dtype`, repeated for `seconds`."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start, count = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def step_profile(size="6x384", steps=5):
+    """Our GPT's bfloat16 training step at `size` (AdamW, batch 16, random tokens): ms per
+    step, eager and torch.compile'd, and the eager step split by torch.profiler into
+    matmuls, attention and the rest, with the matmuls' GFLOP/s (6 x matrix weights x tokens)."""
+    layers, heads, width, context, _ = GPT_SIZES[size]
+    torch.manual_seed(0)
+    model = train_gpt.GPT(train_gpt.GPTConfig(vocab_size=320, block_size=context, n_layer=layers,
+                                              n_head=heads, n_embd=width))
+    opt = train_gpt.reg.build_optimizer("adamw", model, lr=1e-3)
+    x, y = torch.randint(0, 257, (16, context)), torch.randint(0, 257, (16, context))
+
+    def step(net):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ms = {}
+    for name, net in (("eager", model), ("compiled", torch.compile(model))):
+        for _ in range(2):  # warm-up (and, compiled, the compilation)
+            step(net)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(net)
+        ms[name] = 1e3 * (time.perf_counter() - start) / steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(model)
+    parts = dict(matmuls=0.0, attention=0.0, rest=0.0)
+    for event in prof.key_averages():
+        kind = "matmuls" if event.key == "aten::mm" else "attention" if "dot_product" in event.key else "rest"
+        parts[kind] += event.self_cpu_time_total / 1e3 / steps  # ms per step
+    matrix_weights = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n != "wpe.weight")
+    gflops = 6 * matrix_weights * 16 * context / (parts["matmuls"] / 1e3) / 1e9
+    return ms, parts, gflops
+
+
 def make_parser():
     parser = argparse.ArgumentParser(prog="speed.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--nanogpt", help="a clone of github.com/karpathy/nanoGPT (left out: ours only)")
@@ -133,6 +183,8 @@ def make_parser():
     parser.add_argument("--sizes", default=",".join(GPT_SIZES), help="comma list of " + ", ".join(GPT_SIZES))
     parser.add_argument("--reps", type=int, default=3, help="rounds of interleaved runs (3)")
     parser.add_argument("--attention", action="store_true", help="also time attention in float32 and bfloat16")
+    parser.add_argument("--profile", action="store_true",
+                        help="also: matmul GFLOP/s, and where a 6x384 bfloat16 step's time goes")
     return parser
 
 
@@ -152,6 +204,16 @@ def main(argv=None):
         for shape in ((4, 128, 32), (2, 128, 64), (6, 256, 64), (12, 256, 32), (12, 1024, 64)):
             ms = [attention_ms(*shape, dtype, reps=3 if shape[1] > 256 else 10) for dtype in (torch.float32, torch.bfloat16)]
             print(f"{' x '.join(map(str, shape)):<28}{ms[0]:>11.1f}{ms[1]:>12.1f}")
+    if args.profile:
+        for n in (512, 1024, 2048):
+            rates = [matmul_gflops(n, dtype) for dtype in (torch.float32, torch.bfloat16)]
+            print(f"{n} x {n} matmul: float32 {rates[0]:.0f}, bfloat16 {rates[1]:.0f} GFLOP/s "
+                  f"({rates[1] / rates[0]:.2f}x)")
+        ms, parts, gflops = step_profile()
+        print(f"6x384 bfloat16 step: {ms['eager']:.0f} ms eager ({16 * 256 / ms['eager'] * 1e3:,.0f} tokens/s), "
+              f"{ms['compiled']:.0f} ms compiled ({16 * 256 / ms['compiled'] * 1e3:,.0f} tokens/s)")
+        print("profiled, ms per step: " + ", ".join(f"{k} {v:.0f}" for k, v in parts.items())
+              + f" (profiler overhead included); matmuls at {gflops:.0f} GFLOP/s")
     if args.nanogpt:
         give_nanogpt_our_tokens(args.nanogpt, args.data)
     rows = []
