@@ -1733,20 +1733,37 @@ def test_the_scripts_choose_bfloat16_where_the_cpu_runs_it_natively_and_keep_flo
                if torch.is_tensor(t) and t.is_floating_point())
 
 
-def test_attention_on_a_cpu_runs_in_float32_under_bfloat16_autocast(monkeypatch):
-    # The CPU's flash-attention kernel is slower in bfloat16 than in float32; everything
-    # around it (the matmuls) still runs in bfloat16.
-    F = torch.nn.functional
+def test_matmul_attention_is_causal_attention():
+    F = nn.functional
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 12, 8, dtype=torch.float64) for _ in range(3))
+    y = train_gpt.matmul_attention(q, k, v)
+    assert torch.allclose(y, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-12)
+    k2, v2 = k.clone(), v.clone()
+    k2[..., 7:, :], v2[..., 7:, :] = 5.0, -5.0  # the future does not reach positions 0..6
+    y2 = train_gpt.matmul_attention(q, k2, v2)
+    assert torch.equal(y2[..., :7, :], y[..., :7, :]) and not torch.allclose(y2[..., 7:, :], y[..., 7:, :])
+
+
+def test_attention_on_a_cpu_under_bfloat16_autocast(monkeypatch):
+    # Short contexts: bfloat16 matmuls (faster there than the CPU's flash attention in either
+    # precision); longer ones: flash attention, in bfloat16 as on CUDA.
+    F = nn.functional
     seen, sdpa = [], F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(q.dtype) or sdpa(q, k, v, **kw))
     torch.manual_seed(0)
     model = train_gpt.GPT(train_gpt.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
     idx = torch.randint(0, 64, (2, 16))
+    reference = model(idx)
+    assert reference.dtype == torch.float32 and seen == [torch.float32]
+    seen.clear()
     with torch.autocast("cpu", torch.bfloat16):
         logits = model(idx)
-    assert seen == [torch.float32] and logits.dtype == torch.bfloat16
-    seen.clear()
-    assert model(idx).dtype == torch.float32 and seen == [torch.float32]
+    assert seen == [] and logits.dtype == torch.bfloat16
+    assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    monkeypatch.setattr(train_gpt, "CPU_MATMUL_ATTENTION_MAX_CONTEXT", 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert model(idx).dtype == torch.bfloat16 and seen == [torch.bfloat16]
 
 
 def test_speed_gives_nanogpt_our_tokens_and_reads_its_iteration_times(tmp_path, monkeypatch, capsys):
@@ -1765,7 +1782,21 @@ def test_speed_gives_nanogpt_our_tokens_and_reads_its_iteration_times(tmp_path, 
     assert vocab == train_gpt.model_config(train_gpt.parse_args([]), meta, None).vocab_size == 320
     # 301 iterations of 16 x 128 tokens at 0.1 s each
     assert speed.gpt_nanogpt("4x128", str(nanogpt), tmp_path / "out") == pytest.approx(16 * 128 / 0.1)
-    for bad in (["--sizes", "8x512"], ["--nanogpt", str(tmp_path)], ["--reps", "0"]):
+    for bad in (["--sizes", "8x512"], ["--nanogpt", str(tmp_path)], ["--reps", "0"], ["--csv", str(tmp_path)],
+                ["--csv", str(tmp_path / "no" / "x.csv")]):
         with pytest.raises(SystemExit):
             speed.main(bad)
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith("speed.py: error:")
+
+
+def test_speed_writes_its_measurements_only_where_told(tmp_path, monkeypatch, capsys):
+    # A quick look (one size, once) must not replace the page's full table.
+    from results import speed
+    monkeypatch.setattr(speed, "HERE", tmp_path)
+    monkeypatch.setattr(speed, "gpt_ours", lambda size, bf16, data, out: 2000.0 if bf16 else 1000.0)
+    speed.main(["--sizes", "4x128", "--reps", "1"])
+    assert list(tmp_path.iterdir()) == [] and "ours bf16" in capsys.readouterr().out
+    speed.main(["--sizes", "4x128", "--reps", "2", "--csv", str(tmp_path / "speed.csv")])
+    header, *rows = (tmp_path / "speed.csv").read_text().splitlines()
+    assert header == "script,size,kind,rep,per_s,cpu" and len(rows) == 4
+    assert rows[0].startswith("train_gpt.py,4x128,ours bf16,0,2000,") and "family" in rows[0]

@@ -23,9 +23,9 @@ Measured (results/README.md): the `small` preset with --tokenizer bytes (0.85M p
 300 steps of 16x128 bytes of an OpenWebText sample, 47-71 s of training on one core of a
 2-core AMD EPYC) reaches a validation loss of 2.48 nats per byte with AdamW and 2.02-2.06
 with Muon, MuonEq and NorMuon, each at its own swept learning rate (mean of 3 seeds).
-Under bfloat16 autocast, this script's default on that CPU, the same losses come 1.56x as
-fast as from nanoGPT's own train.py on that model (float32 there, as on any CPU). No GPU
-numbers have been measured yet.
+Under bfloat16 autocast, this script's default on a CPU with native bfloat16, the same
+losses come 1.97x as fast as from nanoGPT's own train.py on that model (float32 there, as
+on any CPU), measured on a 2-core Zen 5 EPYC. No GPU numbers have been measured yet.
 """
 
 import argparse
@@ -168,6 +168,29 @@ class GPTConfig:
     dropout: float = 0.0     # 0 for pre-training, as nanoGPT
 
 
+# Up to this context, attention on a CPU under bfloat16 autocast runs as plain bfloat16
+# matmuls (matmul_attention): there torch's CPU flash-attention kernel is slower in bfloat16
+# than in float32, and the written-out form is as fast or faster than either (forward and
+# backward at 6 heads x 256 x 64, batch 16: 17-31 ms against 33-34 for flash attention in
+# either precision). Its T x T scores grow quadratically, though: from context 512 bfloat16
+# flash attention is as fast or faster, and at 1,024 twice as fast (results/speed.py --attention).
+CPU_MATMUL_ATTENTION_MAX_CONTEXT = 256
+
+
+def matmul_attention(q, k, v, dropout_p=0.0):
+    """Causal attention written out, as in nanoGPT's fallback: softmax(q k^T / sqrt(d)) v,
+    each position seeing itself and the positions before it. Under bfloat16 autocast the
+    scores and weights are rounded to bfloat16. The softmax itself sums in float32 inside
+    the kernel, so this is the precision of any bfloat16 attention matmul."""
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) * q.size(-1) ** -0.5
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
+    weights = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -181,11 +204,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         dropout = self.dropout if self.training else 0.0
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # A CPU's flash attention is slower in bfloat16 than in float32 (2.3x at head size
-            # 32, measured in results/README.md), so it leaves autocast and runs in float32.
-            with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, dropout_p=dropout)
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and T <= CPU_MATMUL_ATTENTION_MAX_CONTEXT:
+            y = matmul_attention(q, k, v, dropout)
         else:  # flash attention where the device has it: never materializes the T x T matrix
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         return self.proj_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))

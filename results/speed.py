@@ -6,7 +6,7 @@ side by side with nanoGPT's own train.py on the same model, batch and data.
     python results/speed.py --cifar-data DIR              # also train_cifar.py (extracted CIFAR)
     python results/speed.py --reps 1 --sizes 4x128        # ours only, one size, once
     python results/speed.py --sizes "" --cifar-data DIR   # train_cifar.py only
-    python results/speed.py --sizes "" --attention        # attention alone, float32 and bfloat16
+    python results/speed.py --sizes "" --attention        # attention alone: flash and written out
     python results/speed.py --sizes "" --profile          # where a 6x384 bfloat16 step's time goes
 
 Each measurement is a real run of a script (AdamW, lr 4e-3) in its own process, and the
@@ -17,7 +17,7 @@ its data/owtbytes/{train,val}.bin (the same uint16 format) with vocab_size 320, 
 pads the 257 byte symbols to a multiple of 64; it runs with compile off, bias off,
 dropout 0 and, on a CPU, in float32 (its train.py autocasts only on CUDA); its tokens/s
 comes from the times it prints for each iteration. CIFAR speed is images/s over the epochs
-after the first (which holds the start-up). Every measurement goes to speed-cpu.csv here.
+after the first (which holds the start-up). --csv FILE keeps every measurement.
 """
 
 import argparse
@@ -44,6 +44,8 @@ GPT_SIZES = {  # name: (layers, heads, width, context, steps); batch 16 througho
     "6x384": (6, 6, 384, 256, 40),    # 10.7M parameters: near the CPU's bfloat16 peak
 }
 CIFAR_NETS = {"small": (16, 512, 6), "resnet18": (64, 256, 3)}  # name: (width, batch, epochs)
+ATTENTION_OPS = ("aten::bmm", "aten::_softmax", "aten::_softmax_backward_data", "aten::masked_fill",
+                 "aten::masked_fill_")  # written-out attention in the profile (flash: "dot_product")
 
 
 def run_ours(script, flags, out):
@@ -104,24 +106,29 @@ def cifar_ours(net, bf16, data_dir, out):
 
 
 def cpu_identity():
-    """The CPU, as Linux names it: bfloat16 speed differs between generations of one brand."""
+    """The CPU, as Linux names it, without commas (it goes into the CSV): bfloat16 speed
+    differs between generations of one brand, so 'family 25 model 17' matters."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     first_core = info.split("\n\n")[0].splitlines()
     field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first_core)}
     flags = [f for f in field.get("flags", "").split() if f in ("avx512_bf16", "amx_bf16")]
-    return (f"CPU: {field.get('model name', 'unknown')}, family {field.get('cpu family', '?')} model "
-            f"{field.get('model', '?')}, {torch.get_num_threads()} threads, {' '.join(flags) or 'no native bfloat16'}")
+    return (f"{field.get('model name', 'unknown').replace(',', ' ')} family {field.get('cpu family', '?')} "
+            f"model {field.get('model', '?')} {torch.get_num_threads()} threads "
+            f"{' '.join(flags) or 'no native bfloat16'}")
 
 
-def attention_ms(heads, context, head_size, dtype, reps=10):
-    """Milliseconds for a forward and backward of causal F.scaled_dot_product_attention on
-    a batch of 16, as the GPT calls it: whichever kernel torch picks (flash on a CPU)."""
+def attention_ms(heads, context, head_size, dtype, written_out=False, reps=10):
+    """Milliseconds for a forward and backward of causal attention on a batch of 16:
+    F.scaled_dot_product_attention (whichever kernel torch picks: flash on a CPU), or with
+    written_out the GPT's own matmul_attention."""
+    attention = train_gpt.matmul_attention if written_out else (
+        lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
     q, k, v = (torch.randn(16, heads, context, head_size, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
     times = []
     for _ in range(reps + 2):  # two warm-up rounds
         start = time.perf_counter()
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+        attention(q, k, v).backward(grad)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times[2:])
 
@@ -168,11 +175,21 @@ def step_profile(size="6x384", steps=5):
             step(model)
     parts = dict(matmuls=0.0, attention=0.0, rest=0.0)
     for event in prof.key_averages():
-        kind = "matmuls" if event.key == "aten::mm" else "attention" if "dot_product" in event.key else "rest"
+        kind = ("matmuls" if event.key == "aten::mm" else  # the Linear layers; attention's are aten::bmm
+                "attention" if event.key in ATTENTION_OPS or "dot_product" in event.key else "rest")
         parts[kind] += event.self_cpu_time_total / 1e3 / steps  # ms per step
     matrix_weights = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n != "wpe.weight")
     gflops = 6 * matrix_weights * 16 * context / (parts["matmuls"] / 1e3) / 1e9
     return ms, parts, gflops
+
+
+def csv_path(text):
+    """--csv: checked before the minutes of measuring, not after."""
+    path = Path(text)
+    if path.is_dir() or not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: " + ("is a folder" if path.is_dir() else
+                                                        f"no folder {path.parent} to write it in"))
+    return path
 
 
 def make_parser():
@@ -182,7 +199,9 @@ def make_parser():
     parser.add_argument("--data", default="../shared/data/openwebtext-sample/data", help="the text for the GPT")
     parser.add_argument("--sizes", default=",".join(GPT_SIZES), help="comma list of " + ", ".join(GPT_SIZES))
     parser.add_argument("--reps", type=int, default=3, help="rounds of interleaved runs (3)")
-    parser.add_argument("--attention", action="store_true", help="also time attention in float32 and bfloat16")
+    parser.add_argument("--csv", type=csv_path,
+                        help="write every measurement to this file, replacing it (the page's: results/speed-cpu.csv)")
+    parser.add_argument("--attention", action="store_true", help="also time attention alone: flash attention in float32 and bfloat16, and written out in bfloat16")
     parser.add_argument("--profile", action="store_true",
                         help="also: matmul GFLOP/s, and where a 6x384 bfloat16 step's time goes")
     return parser
@@ -198,12 +217,16 @@ def main(argv=None):
                         ("--reps must be at least 1", args.reps >= 1)):
         if not ok:
             parser.error(problem)
-    print(cpu_identity())
+    cpu = cpu_identity()
+    print("CPU:", cpu)
     if args.attention:
-        print(f"{'heads x context x head size':<28}{'float32 ms':>11}{'bfloat16 ms':>12}")
-        for shape in ((4, 128, 32), (2, 128, 64), (6, 256, 64), (12, 256, 32), (12, 1024, 64)):
-            ms = [attention_ms(*shape, dtype, reps=3 if shape[1] > 256 else 10) for dtype in (torch.float32, torch.bfloat16)]
-            print(f"{' x '.join(map(str, shape)):<28}{ms[0]:>11.1f}{ms[1]:>12.1f}")
+        print(f"{'heads x context x head size':<28}{'flash float32 ms':>17}{'flash bfloat16':>15}"
+              f"{'matmuls bfloat16':>17}")
+        for shape in ((4, 128, 32), (2, 128, 64), (6, 256, 64), (12, 256, 32), (6, 512, 64), (12, 1024, 64)):
+            reps = 3 if shape[1] > 256 else 10
+            ms = [attention_ms(*shape, torch.float32, reps=reps), attention_ms(*shape, torch.bfloat16, reps=reps),
+                  attention_ms(*shape, torch.bfloat16, written_out=True, reps=reps)]
+            print(f"{' x '.join(map(str, shape)):<28}{ms[0]:>17.1f}{ms[1]:>15.1f}{ms[2]:>17.1f}")
     if args.profile:
         for n in (512, 1024, 2048):
             rates = [matmul_gflops(n, dtype) for dtype in (torch.float32, torch.bfloat16)]
@@ -224,16 +247,18 @@ def main(argv=None):
                     out = Path(tmp) / f"{len(rows)}"
                     speed = (gpt_nanogpt(size, args.nanogpt, out) if kind.startswith("nanoGPT") else
                              gpt_ours(size, kind.endswith("bf16"), args.data, out))
-                    rows.append(dict(script="train_gpt.py", size=size, kind=kind, rep=rep, per_s=round(speed)))
+                    rows.append(dict(script="train_gpt.py", size=size, kind=kind, rep=rep, per_s=round(speed), cpu=cpu))
                     print(f"{size} {kind}: {speed:,.0f} tokens/s", flush=True)
             for net in CIFAR_NETS if args.cifar_data else []:
                 for kind in ("ours bf16", "ours fp32"):
                     speed = cifar_ours(net, kind.endswith("bf16"), args.cifar_data, Path(tmp) / f"{len(rows)}")
-                    rows.append(dict(script="train_cifar.py", size=net, kind=kind, rep=rep, per_s=round(speed, 1)))
+                    rows.append(dict(script="train_cifar.py", size=net, kind=kind, rep=rep, per_s=round(speed, 1),
+                                     cpu=cpu))
                     print(f"{net} {kind}: {speed:,.1f} images/s", flush=True)
     if not rows:
         return
-    summarize.write_csv(rows, HERE / "speed-cpu.csv")
+    if args.csv:
+        summarize.write_csv(rows, args.csv)
     print(f"\n{'script':<15}{'size':<10}{'kind':<14}{'median /s':>11}{'x float32':>11}{'x nanoGPT':>11}")
     median = {}
     for row in rows:
@@ -244,7 +269,8 @@ def main(argv=None):
         nano = median.get((script, size, "nanoGPT fp32"))
         versus_nano = f"{m / statistics.median(nano):.2f}" if nano else "-"
         print(f"{script:<15}{size:<10}{kind:<14}{m:>11,.0f}{m / fp32:>11.2f}{versus_nano:>11}")
-    print(f"\nwrote {HERE / 'speed-cpu.csv'}")
+    if args.csv:
+        print(f"\nwrote {args.csv}")
 
 
 if __name__ == "__main__":
