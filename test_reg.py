@@ -1747,23 +1747,28 @@ def test_matmul_attention_is_causal_attention():
 
 def test_attention_on_a_cpu_under_bfloat16_autocast(monkeypatch):
     # Short contexts: bfloat16 matmuls (faster there than the CPU's flash attention in either
-    # precision); longer ones: flash attention, in bfloat16 as on CUDA.
+    # precision); longer ones: flash attention, in bfloat16 as on CUDA. Either way the
+    # gradient stays as close to float32's as bfloat16 matmuls allow.
     F = nn.functional
     seen, sdpa = [], F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(q.dtype) or sdpa(q, k, v, **kw))
     torch.manual_seed(0)
-    model = train_gpt.GPT(train_gpt.GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
-    idx = torch.randint(0, 64, (2, 16))
-    reference = model(idx)
-    assert reference.dtype == torch.float32 and seen == [torch.float32]
-    seen.clear()
-    with torch.autocast("cpu", torch.bfloat16):
-        logits = model(idx)
-    assert seen == [] and logits.dtype == torch.bfloat16
-    assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
-    monkeypatch.setattr(train_gpt, "CPU_MATMUL_ATTENTION_MAX_CONTEXT", 8)
-    with torch.autocast("cpu", torch.bfloat16):
-        assert model(idx).dtype == torch.bfloat16 and seen == [torch.bfloat16]
+    model = train_gpt.GPT(train_gpt.GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    idx, targets = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+
+    def gradient(bf16):
+        model.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            model(idx, targets).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    reference = gradient(bf16=False)
+    assert seen == [torch.float32] * 2
+    for max_context, attention_dtypes in ((16, []), (8, [torch.bfloat16] * 2)):
+        monkeypatch.setattr(train_gpt, "CPU_MATMUL_ATTENTION_MAX_CONTEXT", max_context)
+        seen.clear()
+        error = (gradient(bf16=True) - reference).norm() / reference.norm()
+        assert seen == attention_dtypes and 1e-4 < error < 0.03, (max_context, error)
 
 
 def test_speed_gives_nanogpt_our_tokens_and_reads_its_iteration_times(tmp_path, monkeypatch, capsys):
