@@ -614,6 +614,8 @@ def main(argv=None):
             train(args, name, lr, seed, (splits, meta, also_val), run_dir, resume)
         if args.rank == 0:
             summarize.report(Path(args.resume).parent if args.resume else args.out_dir, strict=False)
+        if args.world > 1:  # leave together: a process that exited while rank 0 still wrote the
+            torch.distributed.barrier()  # summary aborted at exit now and then (SIGABRT, gloo)
     except (ReportedError, summarize.SweepError) as e:
         sys.exit(f"error: {e}")
     finally:
