@@ -2,11 +2,11 @@
 reg.py: matrix-aware optimizers side by side, in one file that reads top to bottom.
 
     import reg
-    opt = reg.build_optimizer("reg", model, lr=1e-3)   # or "muon", "muoneq-r", "normuon", ...
+    opt = reg.build_optimizer("reg", model, lr=1e-3)   # or "muon", "muoneq-r", "normuon", "rmnp", ...
 
-Muon, MuonEq, NorMuon and REG treat a weight matrix as a matrix rather than a bag of
-numbers. For a hidden weight W (m x n) with gradient G they all take the same step; only
-the *direction* differs (AdamW, per coordinate, is the baseline):
+Muon, MuonEq, NorMuon, REG and RMNP treat a weight matrix as a matrix rather than a bag
+of numbers. For a hidden weight W (m x n) with gradient G they all take the same step;
+only the *direction* differs (AdamW, per coordinate, is the baseline):
 
     B  <- mu*B + (1-mu)*G                 momentum (EMA form), mu = 0.95
     U  =  (1-mu)*G + mu*B                 Nesterov look-ahead (U = B without it)
@@ -18,19 +18,26 @@ the *direction* differs (AdamW, per coordinate, is the baseline):
     MuonEq R/C/RC    NS5(equilibrate(U))               before orthogonalization
     NorMuon          rownorm(NS5(U)), per-row 2nd mom. after orthogonalization
     REG              RACS(U)                           instead of orthogonalization
+    RMNP             rownorm(U)                        instead of orthogonalization
 
 A hidden layer's momentum is typically very ill-conditioned: a few directions carry almost
 all of its energy, so a plain or Adam-style step moves the weights mostly along those few.
 Muon (Keller Jordan, 2024) replaces it by its nearest semi-orthogonal matrix, so every
 direction moves equally. MuonEq (arXiv 2603.28254) balances rows and/or columns first;
 NorMuon (arXiv 2510.05491) evens out the rows' step sizes afterwards; REG (arXiv
-2510.03691) balances gently *instead* (RACS: our reading of it, see `racs`). The update
-is scaled to an AdamW-like RMS of 0.2 (Moonlight, arXiv 2502.16982), so AdamW's learning
-rate carries over. Embeddings, the head, biases and norm gains get AdamW inside the same
-optimizer, as Keller Jordan's MuonWithAuxAdam does (`param_groups` does the split).
+2510.03691) balances gently *instead* (RACS: our reading of it, see `racs`), and RMNP
+(arXiv 2603.20527) by normalizing each row. The update is scaled to an AdamW-like RMS of
+0.2 (Moonlight, arXiv 2502.16982), so AdamW's learning rate carries over. Embeddings, the
+head, biases and norm gains get AdamW inside the same optimizer, as Keller Jordan's
+MuonWithAuxAdam does (`param_groups` does the split).
+
+Three options the current record code bases use stack on top: Newton-Schulz with one
+(a, b, c) per step (`ns_coefficients="polar_express"`, arXiv 2505.16932), cautious weight
+decay (`cautious_wd=True`: decay only where it agrees with the step) and NorMuon after
+MuonEq's equilibration (`mode="R"`): together, nanochat's recipe (see NorMuon).
 
 The file: (1) the math, small pure functions on (..., m, n) tensors; (2) routing
-parameters into groups; (3) the optimizers: one `step` holding the whole update, four
+parameters into groups; (3) the optimizers: one `step` holding the whole update, five
 directions. CPU or CUDA. Under DistributedDataParallel the gradients are
 already averaged across processes when `step` runs, so every process takes the same step.
 """
@@ -47,9 +54,45 @@ from torch.optim.adamw import adamw as adamw_update  # torch's functional AdamW
 # 1. The math: small, pure functions on (..., m, n) tensors, CPU or CUDA
 # -----------------------------------------------------------------------------
 
-# Keller Jordan's quintic coefficients: chosen to make the slope at zero as steep as
-# possible (small singular values grow fast) at the price of not converging exactly to 1.
+# Keller Jordan's quintic coefficients, used at every step: chosen to make the slope at
+# zero as steep as possible (small singular values grow fast) at the price of not
+# converging exactly to 1.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+# Polar Express (Amsel, Persson, Musco & Gower, arXiv 2505.16932): one (a, b, c) per step,
+# each the odd quintic that is best in the worst case on the interval the steps before it
+# left the singular values in, so the early steps are steep and the last ones converge.
+# These five (fit for 5 steps with a safety factor, in bfloat16) are the ones
+# modded-nanogpt's record optimizer, nanochat and dion use.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+# With a per-step schedule X is divided by this much more than ||X||_F (see newton_schulz).
+SCHEDULE_MARGIN = 1.02
+
+
+def is_triple(c):
+    return (isinstance(c, (tuple, list)) and len(c) == 3
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in c))
+
+
+def ns_schedule(coefficients, steps):
+    """The (a, b, c) of each of `steps` Newton-Schulz steps, from one triple (used at every
+    step), a sequence of triples (one per step; past its end the last one repeats, as in
+    the Polar Express code) or the name "polar_express"."""
+    if isinstance(coefficients, str) and coefficients == "polar_express":
+        coefficients = POLAR_EXPRESS
+    if is_triple(coefficients):
+        return [tuple(coefficients)] * steps
+    if (isinstance(coefficients, (tuple, list)) and coefficients
+            and all(is_triple(c) for c in coefficients)):
+        return [tuple(c) for c in coefficients[:steps]] + [tuple(coefficients[-1])] * (steps - len(coefficients))
+    raise ValueError(f"Newton-Schulz coefficients must be a triple (a, b, c), a sequence of "
+                     f"triples (one per step) or 'polar_express', got {coefficients!r}")
 
 
 def default_ns_dtype(device):
@@ -59,32 +102,48 @@ def default_ns_dtype(device):
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def newton_schulz(G, steps=5, eps=1e-7, dtype=None):
+def newton_schulz(G, steps=5, eps=1e-7, dtype=None, coefficients=NS_COEFFICIENTS):
     """Approximately orthogonalize G: return ~U V^T where G = U S V^T (Keller Jordan's NS5).
 
     X is first divided by its Frobenius norm, which bounds the spectral norm by 1; each
     step then applies the odd polynomial p(x) = a x + b x^3 + c x^5 to every singular value
     at once, via X <- a X + (b A + c A A) X with A = X X^T, pushing all of them towards 1.
 
-    Caveats: these coefficients overshoot on purpose, so the output's singular values land
-    roughly in [0.7, 1.2], not at 1 (Muon's authors found this does not hurt training).
-    And 5 steps lift a singular value by at most a^5 ~ 490: those below ~1.3e-3 * ||G||_F
-    come out below 0.6 (measured), so a very ill-conditioned G is only partly orthogonalized.
-    The result does not depend on the scale of G as long as ||G||_F > eps; below that the
-    output shrinks with G (as in torch.optim.Muon, whose eps this is).
+    coefficients: one triple for every step (default: Keller Jordan's), a sequence of
+    triples, one per step, or "polar_express" (POLAR_EXPRESS). Keller Jordan's overshoot on
+    purpose, so the output's singular values land roughly in [0.7, 1.2], not at 1 (Muon's
+    authors found this does not hurt training). A per-step schedule does better in the
+    same 5 steps: on a 256 x 512 matrix of condition number 100, Keller Jordan's leave
+    the singular values in [0.68, 1.20], Polar Express's in [0.86, 1.14] (condition 1000:
+    [0.11, 1.20] against [0.23, 1.14]; measured in float64, much the same in bfloat16).
+    The price: a schedule is fit to singular values in (0, 1] and, to be that steep, it
+    explodes just past 1 (five Polar Express steps take 1.02 to 1.14, 1.05 to 1e185).
+    Rounding, in bfloat16 above all, can put the largest one slightly above 1, so with a
+    schedule X is divided by SCHEDULE_MARGIN = 1.02 times ||X||_F: 4% of headroom, for a
+    little less lift at the bottom (1e-3 ends at 0.85 instead of 0.86). The Polar Express
+    code and nanochat use 1.01, modded-nanogpt 1.02. Keller Jordan's single triple stays
+    bounded past 1 and gets no margin, so the default is exactly torch.optim.Muon's.
+
+    Caveat: 5 steps of Keller Jordan's lift a singular value by at most a^5 ~ 490: those
+    below ~1.3e-3 * ||G||_F come out below 0.6 (measured), so a very ill-conditioned G is
+    only partly orthogonalized. The result does not depend on the scale of G as long as
+    ||G||_F > eps; below that the output shrinks with G (as in torch.optim.Muon, whose eps
+    this is).
 
     G: (..., m, n); a leading batch dimension orthogonalizes same-shape matrices in one call.
     dtype: compute dtype; None means default_ns_dtype(G.device). Returns G's dtype.
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a (..., m, n) tensor, got shape {tuple(G.shape)}")
-    a, b, c = NS_COEFFICIENTS
+    schedule = ns_schedule(coefficients, steps)
+    margin = 1.0 if is_triple(coefficients) else SCHEDULE_MARGIN
     X = G.to(dtype or default_ns_dtype(G.device))
     transposed = G.size(-2) > G.size(-1)
     if transposed:  # work on the wide side: A = X X^T is then the smaller Gram matrix
         X = X.mT
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
-    for _ in range(steps):
+    norm = X.norm(dim=(-2, -1), keepdim=True)
+    X = X / (norm if margin == 1.0 else norm * margin).clamp_min(eps)
+    for a, b, c in schedule:
         A = X @ X.mT
         B = b * A + c * (A @ A)
         X = a * X + B @ X
@@ -179,6 +238,27 @@ def racs(U, p=2, steps=1):
     return X
 
 
+def row_normalize(U):
+    """RMNP's direction (Deng et al., arXiv 2603.20527, ICML 2026): every row of U divided by
+    its L2 norm. Rows are output units: each neuron's incoming weights move by the same
+    amount, each in the direction its own momentum points.
+
+    Why this can stand in for orthogonalization: the polar factor of U is
+    (U U^T)^(-1/2) U, and where the rows of U are nearly orthogonal to each other (U U^T
+    nearly diagonal, which the authors measure in transformers' momenta) that is just
+    diag(row norms)^-1 U. It is MuonEq-R's equilibration with no Newton-Schulz after it:
+    O(mn), two reductions and a scaling, where Newton-Schulz costs O(mn min(m, n)).
+    Never transposed, whatever the shape (the authors found the transposed variant trains
+    worse), so its RMS is exactly 1/sqrt(n) and its scale factor its own (RMNP.scale_factor).
+
+    Each row is first divided by its largest |entry|, so that the squares neither underflow
+    nor overflow (as in equilibrate): invariant to the scale of U. Zero rows stay zero.
+    """
+    tiny = torch.finfo(U.dtype).tiny
+    X = U / U.abs().amax(dim=-1, keepdim=True).clamp_min(tiny)  # each row's largest entry is +-1
+    return X / torch.linalg.vector_norm(X, dim=-1, keepdim=True).clamp_min(tiny)
+
+
 def update_scale(D, scale="rms", exact_rms=False):
     """The factor the direction D (..., m, n) is multiplied by before lr.
 
@@ -242,10 +322,10 @@ def use_compiled_math():
     """Swap the functions above for torch.compile'd versions, which every optimizer then
     looks up by name: mostly a CUDA win (the elementwise work around the matmuls, and all
     of RACS, fused into fewer kernels). Each matrix shape's first step pays for compiling."""
-    global newton_schulz, equilibrate, normuon_normalize, racs, update_scale
+    global newton_schulz, equilibrate, normuon_normalize, racs, row_normalize, update_scale
     if not hasattr(newton_schulz, "_torchdynamo_orig_callable"):  # not compiled already
-        newton_schulz, equilibrate, normuon_normalize, racs, update_scale = map(
-            torch.compile, (newton_schulz, equilibrate, normuon_normalize, racs, update_scale))
+        newton_schulz, equilibrate, normuon_normalize, racs, row_normalize, update_scale = map(
+            torch.compile, (newton_schulz, equilibrate, normuon_normalize, racs, row_normalize, update_scale))
 
 
 # -----------------------------------------------------------------------------
@@ -264,7 +344,10 @@ def param_groups(model, head="auto", adamw_names=(), matrix_names=()):
     lm_head, a ResNet's fc). Pass `head=` a module, a list of modules or None instead when
     that guess is wrong. A weight tied to the embedding (GPT-2) is one parameter and goes
     to AdamW once. `adamw_names` / `matrix_names` force parameters, by their name in
-    model.named_parameters() (or a prefix of it, such as "blocks.0."), into one side.
+    model.named_parameters() or a prefix of it ("blocks.1" is blocks.1.* but not
+    blocks.10.*), into one side. Frozen tensors (requires_grad=False) are routed too, as
+    torch.optim keeps every tensor it is given: skipped while they have no gradient, they
+    train once unfrozen.
 
     Returns param-group dicts with `use_adamw`, a `name` and `param_names` (torch.optim's
     key for them); `describe_groups` prints what went where."""
@@ -281,8 +364,6 @@ def param_groups(model, head="auto", adamw_names=(), matrix_names=()):
 
     sides = {"matrix": [], "adamw": [], "adamw_no_decay": []}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
         if p.ndim < 2:
             side = "adamw_no_decay"
         elif (id(p) in to_adamw or named(adamw_names, name)) and not named(matrix_names, name):
@@ -297,28 +378,56 @@ def param_groups(model, head="auto", adamw_names=(), matrix_names=()):
             for side, named_params in sides.items() if named_params]
 
 
+def named_tensors(params):
+    """(names or None, tensors) from what torch.optim accepts as a group's params: a tensor,
+    tensors, or (name, tensor) pairs as model.named_parameters() gives them."""
+    items = [params] if torch.is_tensor(params) else list(params)
+    if items and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+                     and torch.is_tensor(x[1]) for x in items):
+        return [n for n, _ in items], [p for _, p in items]
+    if all(torch.is_tensor(x) for x in items):
+        return None, items
+    kinds = sorted({type(x).__name__ for x in items if not torch.is_tensor(x)})
+    raise TypeError(f"expected an nn.Module, a list of param-group dicts, tensors or (name, tensor) "
+                    f"pairs, got {', '.join(kinds)}: pass the model itself, e.g. build_optimizer(name, model)")
+
+
+def split_by_shape(group):
+    """A param group that does not say `use_adamw`, split the way param_groups splits a
+    model as far as shapes alone can tell: tensors with >= 2 dims under the matrix rule,
+    the others under AdamW without weight decay. Names and the group's own options stay."""
+    names = group.get("param_names") or [None] * len(group["params"])
+    parts = []
+    for matrices, extra in ((True, dict(use_adamw=False, name=group.get("name", "matrix"))),
+                            (False, dict(use_adamw=True, weight_decay=0.0, name="adamw_no_decay"))):
+        chosen = [(n, p) for n, p in zip(names, group["params"]) if (p.ndim >= 2) == matrices]
+        if chosen:
+            part = dict(group, params=[p for _, p in chosen], **extra)
+            if "param_names" in group:
+                part["param_names"] = [n for n, _ in chosen]
+            parts.append(part)
+    return parts
+
+
 def as_param_groups(params):
     """What a torch user passes, as param groups: an nn.Module (routed by `param_groups`),
-    a list of param-group dicts (copied: torch.optim writes its defaults into them), or an
-    iterable of tensors (routed by shape alone, with a warning: embeddings and the head
-    cannot be told from hidden matrices without the module)."""
+    a list of param-group dicts (copied: torch.optim writes its defaults into them), or
+    tensors or (name, tensor) pairs (routed by shape alone, with a warning: embeddings and
+    the head cannot be told from hidden matrices without the module)."""
     if isinstance(params, nn.Module):
         return param_groups(params)
     params = list(params) if not torch.is_tensor(params) else [params]
     if params and all(isinstance(g, dict) for g in params):
         return [dict(g) for g in params]
-    if not params or not all(torch.is_tensor(p) for p in params):
-        kinds = sorted({type(p).__name__ for p in params}) or ["nothing"]
-        raise TypeError(f"expected an nn.Module, a list of param-group dicts or tensors, got "
-                        f"{', '.join(kinds)}: pass the model itself, e.g. build_optimizer(name, model)")
+    names, tensors = named_tensors(params)
+    if not tensors:
+        raise TypeError("expected an nn.Module, a list of param-group dicts or tensors, got "
+                        "nothing: pass the model itself, e.g. build_optimizer(name, model)")
     warnings.warn("parameters given without their module are routed by shape alone: every "
                   "tensor with >= 2 dims gets the matrix rule, embeddings and the head included. "
                   "Pass the nn.Module (or reg.param_groups(model)) to send those to AdamW.",
                   stacklevel=3)
-    groups = [dict(params=[p for p in params if p.ndim >= 2], use_adamw=False, name="matrix"),
-              dict(params=[p for p in params if p.ndim < 2], use_adamw=True, weight_decay=0.0,
-                   name="adamw_no_decay")]
-    return [g for g in groups if g["params"]]
+    return split_by_shape(dict(params=tensors, **({"param_names": names} if names else {})))
 
 
 def describe_groups(groups, max_names=6):
@@ -335,7 +444,7 @@ def describe_groups(groups, max_names=6):
 
 
 # -----------------------------------------------------------------------------
-# 3. The optimizers: one step for the whole family, four directions
+# 3. The optimizers: one step for the whole family, five directions
 # -----------------------------------------------------------------------------
 
 def finite_in(low, high=math.inf, high_open=False):
@@ -350,6 +459,14 @@ def one_of(*choices):
     return (lambda x: x in choices), " or ".join(map(repr, choices))
 
 
+def valid_coefficients(c):
+    try:
+        ns_schedule(c, 1)
+    except ValueError:
+        return False
+    return True
+
+
 AN_INT_ABOVE_0 = (lambda n: isinstance(n, int) and not isinstance(n, bool) and n >= 1), "an int >= 1"
 # What every hyperparameter must be, checked when a param group is added (never inside
 # step(), where a NaN lr would silently turn the weights into NaN).
@@ -358,8 +475,10 @@ HYPERPARAMETERS = {
     "betas": ((lambda b: isinstance(b, (tuple, list)) and len(b) == 2), "a pair (beta1, beta2)"),
     "momentum": finite_in(0, 1, True), "betas[0]": finite_in(0, 1, True),
     "betas[1]": finite_in(0, 1, True), "beta2": finite_in(0, 1, True),
-    "scale": one_of("rms", "spectral"), "mode": one_of("R", "C", "RC"),
+    "scale": one_of("rms", "spectral"), "mode": one_of("R", "C", "RC", None),
     "p": one_of(1, 2, math.inf), "ns_steps": AN_INT_ABOVE_0, "racs_steps": AN_INT_ABOVE_0,
+    "ns_coefficients": (valid_coefficients, "a triple (a, b, c), a sequence of triples or 'polar_express'"),
+    "cautious_wd": ((lambda x: isinstance(x, bool)), "True or False"),
 }
 
 
@@ -367,6 +486,9 @@ def check_hyperparameters(group, where):
     betas = group.get("betas") if isinstance(group.get("betas"), (tuple, list)) else ()
     values = {**group, **{f"betas[{i}]": b for i, b in enumerate(betas)}}
     for key, (ok, what) in HYPERPARAMETERS.items():
+        if key in values and torch.is_tensor(values[key]):  # torch.optim's answer, when not fused
+            raise ValueError(f"{key} as a Tensor is not supported: pass a number, e.g. "
+                             f"{key}={key}.item() {where}")
         if key in values and not ok(values[key]):
             raise ValueError(f"{key} must be {what}, got {values[key]!r} {where}")
 
@@ -377,25 +499,32 @@ class MatrixOptimizer(torch.optim.Optimizer):
 
     A param group with `use_adamw=True` is stepped with AdamW (betas, eps, the group's lr
     and weight_decay); every other group gets the matrix rule and holds only tensors with
-    >= 2 dims. `params`: an nn.Module, param-group dicts or tensors (`as_param_groups`).
-    lr (1e-3) and weight_decay (0.1, decoupled, times the unscaled lr) serve both rules;
-    momentum (0.95) is the EMA coefficient mu; nesterov (True) uses the look-ahead;
-    scale "rms" gives updates of RMS ~0.2 (AdamW's lr carries over), "spectral" Keller
-    Jordan's sqrt(max(1, m/n)) (use lr ~0.02); betas (0.9, 0.95) and eps (1e-8) are the
-    AdamW part's. State is float32 at least (`stat_dtype`). Every matrix rule is invariant
-    to the scale of the gradients, down to Newton-Schulz's floor (||U||_F > 1e-7)."""
+    >= 2 dims. `params`: an nn.Module, param-group dicts, tensors or named tensors
+    (`as_param_groups`). lr (1e-3) and weight_decay (0.1, decoupled, times the unscaled lr)
+    serve both rules; momentum (0.95) is the EMA coefficient mu; nesterov (True) uses the
+    look-ahead; scale "rms" gives updates of RMS ~0.2 (AdamW's lr carries over), "spectral"
+    Keller Jordan's sqrt(max(1, m/n)) (use lr ~0.02); cautious_wd (False) decays only where
+    decay and step agree (`decay_and_step`); betas (0.9, 0.95) and eps (1e-8) are the AdamW
+    part's. State is float32 at least (`stat_dtype`), also after load_state_dict. Every
+    matrix rule is invariant to the scale of the gradients, down to Newton-Schulz's floor
+    (||U||_F > 1e-7).
+
+    torch.optim's conventions hold: state_dict, hooks, closures, schedulers. A scheduler
+    that cycles momentum (OneCycleLR, CyclicLR with cycle_momentum=True) writes betas[0] of
+    every group, torch's rule for an optimizer with betas; a matrix group it manages (one
+    with max_momentum) then takes its momentum from there, so the whole optimizer cycles."""
 
     method_defaults = {}  # the method's own options and their defaults
     exact_rms = False     # rescale to RMS exactly 0.2: for directions whose RMS varies
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
-                 scale="rms", betas=(0.9, 0.95), eps=1e-8, **options):
+                 scale="rms", cautious_wd=False, betas=(0.9, 0.95), eps=1e-8, **options):
         unknown = set(options) - set(self.method_defaults)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected option(s) {sorted(unknown)}; "
                             f"its own options are {sorted(self.method_defaults) or 'none'}")
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                        nesterov=nesterov, scale=scale, betas=betas, eps=eps,
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        scale=scale, cautious_wd=cautious_wd, betas=betas, eps=eps,
                         use_adamw=False, **{**self.method_defaults, **options},
                         fused=True)  # tells load_state_dict to keep AdamW's step on the device
         super().__init__(as_param_groups(params), defaults)
@@ -406,28 +535,66 @@ class MatrixOptimizer(torch.optim.Optimizer):
                           "or matrix_names=[...] to put weights under the matrix rule)", stacklevel=2)
 
     def add_param_group(self, param_group):
-        """torch.optim's, with the group checked *before* it is added: a rejected group
-        leaves the optimizer exactly as it was."""
-        if not isinstance(param_group, dict):
-            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
-        params = param_group["params"]
-        group = dict(param_group, params=[params] if torch.is_tensor(params) else list(params))
-        where = f"(param group {len(self.param_groups)})"
-        check_hyperparameters({**self.defaults, **group}, where)
-        for p in [] if group.get("use_adamw", self.defaults["use_adamw"]) else group["params"]:
-            if p.ndim < 2:
-                raise ValueError(
-                    f"a parameter of shape {tuple(p.shape)} is in a matrix group {where}: the "
-                    "matrix rule needs >= 2 dims. Build the groups with reg.param_groups(model), "
-                    "which sends biases, norms, embeddings and the head to AdamW, or mark the "
-                    "group use_adamw=True.")
-        super().add_param_group(group)
+        """torch.optim's, with three differences. A group that does not say `use_adamw` is
+        split by shape (split_by_shape), so a layer added while fine-tuning joins as torch
+        users write it: opt.add_param_group({"params": block.parameters()}); a new head or
+        embedding says use_adamw=True. A group gets names (named parameters, or placeholders)
+        exactly when the others have them, so named and unnamed groups mix. And the group is
+        checked *before* anything is added: a rejected group leaves the optimizer as it was."""
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise TypeError(f"a param group must be a dict with 'params', got {type(param_group).__name__}")
+        names, params = named_tensors(param_group["params"])
+        group = dict(param_group, params=params, **({"param_names": names} if names else {}))
+        groups = [group] if "use_adamw" in group else split_by_shape(group)
+        taken = {p for g in self.param_groups for p in g["params"]}
+        for k, g in enumerate(groups):
+            where = f"(param group {len(self.param_groups) + k})"
+            check_hyperparameters({**self.defaults, **g}, where)
+            if any(p in taken for p in g["params"]):
+                raise ValueError(f"a parameter is already in another param group {where}")
+            for p in [] if g["use_adamw"] else g["params"]:
+                if p.ndim < 2:
+                    raise ValueError(
+                        f"a parameter of shape {tuple(p.shape)} is in a matrix group {where}: the "
+                        "matrix rule needs >= 2 dims. Leave use_adamw out (tensors are then routed "
+                        "by shape), build the groups with reg.param_groups(model), or mark the "
+                        "group use_adamw=True.")
+        named = not self.param_groups or "param_names" in self.param_groups[0]
+        for g in groups:
+            if named and "param_names" not in g:
+                g["param_names"] = [f"param_groups[{len(self.param_groups)}][{i}]" for i in range(len(g["params"]))]
+            if not named:
+                g.pop("param_names", None)
+            super().add_param_group(g)
+
+    def load_state_dict(self, state_dict):
+        """torch.optim's, but the state comes back as it was saved, float32 at least: torch
+        casts every state tensor to its parameter's dtype, which would round a bfloat16
+        weight's momentum to bfloat16 (and break the next step)."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, p in zip(saved_group["params"], group["params"]):
+                for key, value in saved.get(index, {}).items():
+                    if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                        self.state[p][key] = value.to(device=p.device, dtype=stat_dtype(p))
+
+    def __setstate__(self, state):
+        """Groups saved before an option existed get its default (torch.optim's habit)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     def direction(self, U, states, group):
         """The one line that differs. U: (k, m, n), the look-ahead momenta of k same-shape
         matrices; states: their k per-parameter state dicts (for methods with state).
         Returns D, (k, m, n)."""
         raise NotImplementedError
+
+    def scale_factor(self, D, scale):
+        """What D is multiplied by before lr: see update_scale."""
+        return update_scale(D, scale, self.exact_rms)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -443,6 +610,8 @@ class MatrixOptimizer(torch.optim.Optimizer):
             if group["use_adamw"]:
                 self.adamw_step(group, params)
                 continue
+            if "max_momentum" in group:  # a momentum-cycling scheduler writes betas[0]
+                group["momentum"] = group["betas"][0]
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for batch in same_shape_batches(params):  # k matrices of one shape, one call each
                 (m, n), k = matrix_shape(batch[0]), len(batch)
@@ -455,30 +624,34 @@ class MatrixOptimizer(torch.optim.Optimizer):
                 U = torch.stack([torch.lerp(g, b, mu) if group["nesterov"] else b
                                  for g, b in zip(G, B)]).reshape(k, m, n)  # (1-mu)*G + mu*B
                 D = self.direction(U, [self.state[p] for p in batch], group)
-                D = D * update_scale(D, group["scale"], self.exact_rms)
+                D = D * self.scale_factor(D, group["scale"])
                 for p, d in zip(batch, D):                                # W*(1-lr*wd) - lr*D
-                    decay_and_step(p, d.view_as(p), lr, wd)
+                    decay_and_step(p, d.view_as(p), lr, wd, group["cautious_wd"])
         return loss
 
     def adamw_step(self, group, params):
         """AdamW (Loshchilov & Hutter) for the parameters that are not hidden matrices: torch's
         own fused kernel, so this part is exactly what the "adamw" baseline does to them.
-        A low-precision parameter is stepped through a float32 copy (state in float32,
-        decay and step rounded once), since the fused kernel wants one dtype throughout."""
+        A low-precision or non-contiguous parameter is stepped through a contiguous float32
+        copy (state in float32, decay and step rounded once): the fused kernel wants one
+        dtype throughout, and on a CPU it updates a strided tensor wrongly, writing into the
+        memory between its elements (torch 2.13, also torch.optim.AdamW(fused=True))."""
         for p in params:
             state = self.state[p]
             if "step" not in state:  # the layout torch.optim.AdamW(fused=True) keeps
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, dtype=stat_dtype(p))
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=stat_dtype(p))
+                state["exp_avg"] = torch.zeros(p.shape, dtype=stat_dtype(p), device=p.device)
+                state["exp_avg_sq"] = torch.zeros(p.shape, dtype=stat_dtype(p), device=p.device)
         states = [self.state[p] for p in params]
-        work = [p if p.dtype == stat_dtype(p) else p.detach().to(stat_dtype(p)) for p in params]
+        work = [p if p.dtype == stat_dtype(p) and p.is_contiguous()
+                else p.detach().to(stat_dtype(p), memory_format=torch.contiguous_format, copy=True)
+                for p in params]
         beta1, beta2 = group["betas"]
         adamw_update(
-            work, [p.grad.to(w.dtype) for p, w in zip(params, work)], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
-            fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+            work, [p.grad.to(w.dtype).contiguous() for p, w in zip(params, work)],
+            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+            [s["step"] for s in states], fused=True, amsgrad=False, beta1=beta1, beta2=beta2,
+            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
         for p, w in zip(params, work):
             if w is not p:
                 p.copy_(w)
@@ -501,25 +674,36 @@ def same_shape_batches(params):
     return list(batches.values())
 
 
-def decay_and_step(p, D, lr, weight_decay):
+def decay_and_step(p, D, lr, weight_decay, cautious=False):
     """W <- W*(1 - lr*wd) - lr*D, in D's dtype (float32 at least) and rounded to W's once:
-    in bfloat16 the decay alone would round away (W*(1 - 1e-4) == W)."""
-    if p.dtype == D.dtype:
-        p.mul_(1 - lr * weight_decay).add_(D, alpha=-lr)
+    in bfloat16 the decay alone would round away (W*(1 - 1e-4) == W).
+
+    Cautious weight decay (cautious=True, from modded-nanogpt's and nanochat's optimizers)
+    decays only the coordinates where D and W share a sign, those the step itself is
+    shrinking: W <- W - lr*wd*W*[D*W >= 0] - lr*D. Elsewhere the step pushes a weight away
+    from zero and decay would partly undo it; there it is left out."""
+    W = p if p.dtype == D.dtype else p.to(D.dtype)  # a float32 copy of a low-precision weight
+    if cautious:
+        W.sub_(W * (D * W >= 0), alpha=lr * weight_decay)
     else:
-        p.copy_(p.to(D.dtype).mul_(1 - lr * weight_decay).add_(D, alpha=-lr))
+        W.mul_(1 - lr * weight_decay)
+    W.add_(D, alpha=-lr)
+    if W is not p:
+        p.copy_(W)
 
 
 class Muon(MatrixOptimizer):
     """Muon: the look-ahead momentum, orthogonalized by Newton-Schulz (Keller Jordan, 2024).
     With scale="spectral" this is torch.optim.Muon(adjust_lr_fn="original"), with scale="rms"
     torch.optim.Muon(adjust_lr_fn="match_rms_adamw"), plus an AdamW part for `use_adamw`
-    groups. Options: ns_steps (5), ns_dtype (None: bfloat16 on CUDA, float32 elsewhere)."""
+    groups. Options: ns_steps (5), ns_dtype (None: bfloat16 on CUDA, float32 elsewhere),
+    ns_coefficients (Keller Jordan's triple; or "polar_express", see newton_schulz)."""
 
-    method_defaults = dict(ns_steps=5, ns_dtype=None)
+    method_defaults = dict(ns_steps=5, ns_dtype=None, ns_coefficients=NS_COEFFICIENTS)
 
     def direction(self, U, states, group):
-        return newton_schulz(U, steps=group["ns_steps"], dtype=group["ns_dtype"])
+        return newton_schulz(U, steps=group["ns_steps"], dtype=group["ns_dtype"],
+                             coefficients=group["ns_coefficients"])
 
 
 class MuonEq(Muon):
@@ -530,7 +714,8 @@ class MuonEq(Muon):
     method_defaults = dict(Muon.method_defaults, mode="R")
 
     def direction(self, U, states, group):
-        return newton_schulz(equilibrate(U, group["mode"]), steps=group["ns_steps"], dtype=group["ns_dtype"])
+        return newton_schulz(equilibrate(U, group["mode"]) if group["mode"] else U, steps=group["ns_steps"],
+                             dtype=group["ns_dtype"], coefficients=group["ns_coefficients"])
 
 
 class NorMuon(Muon):
@@ -539,13 +724,25 @@ class NorMuon(Muon):
     The update is rescaled to RMS exactly 0.2 (scale="rms"), as in the paper; with
     scale="spectral" to the Frobenius norm of a semi-orthogonal matrix, then Keller
     Jordan's factor (the official code restores the norm NS5 gave, which is close to it).
-    Options: Muon's, and beta2 (0.95)."""
+    Options: Muon's, beta2 (0.95), and mode (None; "R", "C" or "RC" equilibrates first,
+    as MuonEq does).
 
-    method_defaults = dict(Muon.method_defaults, beta2=0.95)
+    Stacked, this is nanochat's Muon step: build_optimizer("normuon", model, mode="R",
+    ns_coefficients="polar_express", cautious_wd=True) is MuonEq-R, then Polar Express,
+    then NorMuon's row normalization, then cautious weight decay. Where nanochat (2026)
+    differs: its second moment is kept per row for a tall matrix but per column for a
+    wide one; it snaps the orthogonalized matrix's norm to a semi-orthogonal one's and
+    restores that norm after normalizing, then scales by Keller Jordan's sqrt(max(1, m/n))
+    rather than to RMS 0.2, and multiplies the decay by that factor too; it divides by
+    1.01 ||X||_F before Polar Express (we: 1.02) and guards its row norms with an absolute
+    1e-6 (we: a relative guard, see equilibrate)."""
+
+    method_defaults = dict(Muon.method_defaults, beta2=0.95, mode=None)
     exact_rms = True
 
     def direction(self, U, states, group):
-        O = newton_schulz(U, steps=group["ns_steps"], dtype=group["ns_dtype"])
+        X = equilibrate(U, group["mode"]) if group["mode"] else U
+        O = newton_schulz(X, steps=group["ns_steps"], dtype=group["ns_dtype"], coefficients=group["ns_coefficients"])
         for s in states:  # one running mean square per row, in the momentum's dtype
             if "row_mean_square" not in s:
                 s["row_mean_square"] = torch.zeros(U.shape[-2], 1, dtype=U.dtype, device=U.device)
@@ -568,6 +765,30 @@ class REG(MatrixOptimizer):
         return racs(U, p=group["p"], steps=group["racs_steps"])
 
 
+class RMNP(MatrixOptimizer):
+    """RMNP: every row of the look-ahead momentum divided by its L2 norm, in place of the
+    orthogonalization (Deng et al., arXiv 2603.20527, ICML 2026; see row_normalize).
+    Balancing happens *instead of* orthogonalization, as in REG: no matmul, and the only
+    state is the momentum buffer. The authors report final losses at or below Muon's in
+    GPT-2 (small to XL) and LLaMA (60M to 1B) pre-training, often behind early and catching
+    up late, with a preconditioning step 13-44x faster than Newton-Schulz; they expect it
+    may not suit fine-tuning, untested. Their code keeps a sum-form momentum, 1/(1-mu)
+    times our EMA one: the row normalization removes that factor, so the directions are
+    the same. No options of its own."""
+
+    def direction(self, U, states, group):
+        return row_normalize(U)
+
+    def scale_factor(self, D, scale):
+        """Unit rows make D's RMS exactly 1/sqrt(n), so no measuring: "rms" is 0.2*sqrt(n),
+        an update of RMS exactly 0.2 (less where a row is zero), "spectral" their
+        sqrt(max(1, m/n))."""
+        m, n = D.shape[-2:]
+        if scale not in ("rms", "spectral"):
+            raise ValueError(f"scale must be 'rms' or 'spectral', got {scale!r}")
+        return 0.2 * math.sqrt(n) if scale == "rms" else math.sqrt(max(1.0, m / n))
+
+
 OPTIMIZERS = {
     "adamw": None,  # torch.optim.AdamW, the baseline (see build_optimizer)
     "muon": (Muon, {}),
@@ -576,6 +797,7 @@ OPTIMIZERS = {
     "muoneq-rc": (MuonEq, {"mode": "RC"}),
     "normuon": (NorMuon, {}),
     "reg": (REG, {}),
+    "rmnp": (RMNP, {}),
 }
 
 
@@ -590,7 +812,7 @@ def build_optimizer(name, params, lr=1e-3, weight_decay=0.1, **kw):
     if name != "adamw":
         cls, fixed = OPTIMIZERS[name]
         return cls(params, lr=lr, weight_decay=weight_decay, **{**fixed, **kw})
-    for key in ("momentum", "nesterov", "scale"):
+    for key in ("momentum", "nesterov", "scale", "cautious_wd"):
         if key in kw:
             raise ValueError(f"{key!r} is not an AdamW option (it belongs to the matrix rules)")
     check_hyperparameters(dict(kw, lr=lr, weight_decay=weight_decay), "(adamw)")

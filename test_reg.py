@@ -225,6 +225,73 @@ def test_reg_update_rms_is_exactly_0_2(shape):
     assert rms == pytest.approx(0.2, rel=1e-5)
 
 
+def singular_value_range(coefficients, condition, dtype=torch.float64):
+    s = torch.logspace(0, -math.log10(condition), 256, dtype=torch.float64)
+    G, _, _ = matrix_with_spectrum(256, 512, s)
+    out = torch.linalg.svdvals(reg.newton_schulz(G.to(dtype), coefficients=coefficients, dtype=dtype).double())
+    return out.min().item(), out.max().item()
+
+
+def test_polar_express_lands_singular_values_closer_to_one_than_keller_jordan():
+    # The docstring's numbers: 256 x 512, condition 100 and 1000, 5 steps, float64.
+    for condition, kj, pe in ((100, (0.68, 1.20), (0.86, 1.14)), (1000, (0.11, 1.20), (0.22, 1.14))):
+        for coefficients, (low, high) in ((reg.NS_COEFFICIENTS, kj), ("polar_express", pe)):
+            got = singular_value_range(coefficients, condition)
+            assert got == pytest.approx((low, high), abs=0.01), (coefficients, condition, got)
+    # bfloat16: much the same range, and the margin keeps the top singular value of a rank-one
+    # matrix (||X||_F = its spectral norm, the edge the schedule was fit to) from exploding.
+    low, high = singular_value_range(reg.POLAR_EXPRESS, 100, torch.bfloat16)
+    assert 0.83 < low and high < 1.17
+    g = seeded(14)
+    rank_one = torch.randn(96, 1, generator=g) @ torch.randn(1, 160, generator=g)
+    top = torch.linalg.svdvals(reg.newton_schulz(rank_one, coefficients="polar_express", dtype=torch.bfloat16))[0]
+    assert 0.8 < top < 1.2
+
+
+def test_newton_schulz_takes_one_triple_or_one_per_step_with_the_documented_margin():
+    # On a diagonal matrix NS maps each singular value by the composed scalar polynomials,
+    # after dividing by ||X||_F (one triple) or by SCHEDULE_MARGIN * ||X||_F (a schedule).
+    s = torch.tensor([1.0, 0.5, 0.1, 0.01], dtype=torch.float64)
+    G = torch.diag(s)
+
+    def composed(x, triples):
+        for a, b, c in triples:
+            x = a * x + b * x ** 3 + c * x ** 5
+        return x
+
+    kj = reg.newton_schulz(G, dtype=torch.float64)
+    torch.testing.assert_close(torch.diag(kj), composed(s / s.norm(), [reg.NS_COEFFICIENTS] * 5))
+    assert reg.SCHEDULE_MARGIN == 1.02
+    pe = reg.newton_schulz(G, dtype=torch.float64, coefficients=reg.POLAR_EXPRESS)
+    torch.testing.assert_close(torch.diag(pe), composed(s / (1.02 * s.norm()), reg.POLAR_EXPRESS))
+    torch.testing.assert_close(reg.newton_schulz(G, dtype=torch.float64, coefficients="polar_express"), pe)
+    # A schedule shorter than `steps` repeats its last triple; a longer one is cut.
+    seven = reg.newton_schulz(G, steps=7, dtype=torch.float64, coefficients=reg.POLAR_EXPRESS)
+    torch.testing.assert_close(torch.diag(seven), composed(s / (1.02 * s.norm()),
+                                                           list(reg.POLAR_EXPRESS) + [reg.POLAR_EXPRESS[-1]] * 2))
+    three = reg.newton_schulz(G, steps=3, dtype=torch.float64, coefficients=reg.POLAR_EXPRESS)
+    torch.testing.assert_close(torch.diag(three), composed(s / (1.02 * s.norm()), reg.POLAR_EXPRESS[:3]))
+    assert reg.POLAR_EXPRESS[0] == (8.156554524902461, -22.48329292557795, 15.878769915207462)
+    for bad in ("polar", (1.0, 2.0), [(1.0, 2.0, 3.0), (1.0, 2.0)], (1.0, float("nan"), 2.0), ()):
+        with pytest.raises(ValueError, match="coefficients must be a triple"):
+            reg.newton_schulz(G, coefficients=bad)
+
+
+def test_row_normalize_gives_unit_rows_never_transposed_scale_free_and_zero_rows_stay_zero():
+    for shape in ((6, 20), (20, 6), (2, 5, 9)):
+        U = badly_scaled()[:shape[-2], :shape[-1]].expand(*shape).clone()
+        X = reg.row_normalize(U)
+        torch.testing.assert_close(X, U / U.norm(dim=-1, keepdim=True))  # rows, even when tall
+        assert X.square().mean().sqrt().item() == pytest.approx(1 / math.sqrt(shape[-1]))
+    U = badly_scaled().float()
+    for alpha in (1e-30, 1e-12, 1e20):  # far outside what squares in float32 survive
+        torch.testing.assert_close(reg.row_normalize(alpha * U), reg.row_normalize(U))
+    U[3] = 0
+    X = reg.row_normalize(U)
+    assert torch.equal(X[3], torch.zeros_like(X[3])) and torch.isfinite(X).all()
+    assert torch.equal(reg.row_normalize(torch.zeros(4, 6)), torch.zeros(4, 6))
+
+
 def test_update_scale_formulas_and_zero_direction():
     D = torch.randn(2, 6, 24)
     assert reg.update_scale(D, "rms") == pytest.approx(0.2 * math.sqrt(24))
@@ -339,7 +406,7 @@ def test_build_optimizer_takes_a_module_param_groups_or_plain_tensors(name):
     assert ids["matrix"] == {id(p) for p in model.parameters() if p.ndim >= 2}
     nn.functional.cross_entropy(model(torch.tensor([[1, 2, 3]])).view(-1, 32), torch.tensor([2, 3, 4])).backward()
     opt.step()
-    for junk, kind in (([1, 2], "int"), (model.named_parameters(), "tuple"), ([], "nothing")):
+    for junk, kind in (([1, 2], "int"), ([("a", 1)], "tuple"), ([], "nothing")):
         with pytest.raises(TypeError, match=f"got {kind}: pass the model itself"):
             reg.build_optimizer(name, junk)
 
@@ -389,6 +456,8 @@ def ref_direction(name, U, v):
         r = torch.sqrt((U * U).sum(1))
         c = torch.sqrt((U * U).sum(0))
         return torch.diag(r ** -0.5) @ U @ torch.diag(c ** -0.5), v, True
+    if name == "rmnp":  # never transposed: rows are output units whatever the shape
+        return torch.diag(1 / torch.sqrt((U * U).sum(1))) @ U, v, False
     raise AssertionError(name)
 
 
@@ -403,6 +472,8 @@ def ref_run(name, W, grads, lr, wd, scale, mu=0.95):
         if measured:  # bring D to the Frobenius norm of a semi-orthogonal m x n matrix
             D = D * math.sqrt(min(m, n)) / torch.linalg.matrix_norm(D)
         factor = 0.2 * math.sqrt(max(m, n)) if scale == "rms" else math.sqrt(max(1, m / n))
+        if name == "rmnp" and scale == "rms":  # unit rows: RMS 1/sqrt(n), whatever the shape
+            factor = 0.2 * math.sqrt(n)
         W = W * (1 - lr * wd) - lr * factor * D
     return W
 
@@ -416,12 +487,112 @@ def test_update_rule_matches_straight_line_derivation_in_float64(name, scale):
         grads = [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(6)]
         p = nn.Parameter(W0.clone())
         opt = reg.build_optimizer(name, [dict(params=[p])], lr=0.03, weight_decay=0.1,
-                                  scale=scale, **({} if name == "reg" else {"ns_dtype": torch.float64}))
+                                  scale=scale, **({} if name in ("reg", "rmnp") else {"ns_dtype": torch.float64}))
         for G in grads:
             p.grad = G.clone()
             opt.step()
         expected = ref_run(name, W0, grads, lr=0.03, wd=0.1, scale=scale)
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-12)
+
+
+def first_step(name, W0, G, lr=0.1, weight_decay=0.0, **kw):
+    """The update a fresh optimizer takes on W0 with gradient G: (W0 - W1) / lr."""
+    p = nn.Parameter(W0.clone())
+    p.grad = G.clone()
+    reg.build_optimizer(name, [dict(params=[p])], lr=lr, weight_decay=weight_decay, **kw).step()
+    return (W0 - p.detach()) / lr
+
+
+@pytest.mark.parametrize("shape", [(16, 40), (40, 16), (8, 3, 3, 3)])
+def test_rmnp_first_step_is_the_row_normalized_gradient_at_rms_0_2(shape):
+    g = seeded(15)
+    W0 = torch.randn(*shape, generator=g, dtype=torch.float64)
+    rows = torch.logspace(-3, 3, shape[0], dtype=torch.float64).reshape(-1, *[1] * (len(shape) - 1))
+    G = torch.randn(*shape, generator=g, dtype=torch.float64) * rows
+    step = first_step("rmnp", W0, G).reshape(shape[0], -1)  # a conv kernel as its (out, in*kh*kw) matrix
+    G2 = G.reshape(shape[0], -1)
+    expected = 0.2 * math.sqrt(G2.shape[1]) * G2 / G2.norm(dim=1, keepdim=True)  # rows, even when tall
+    torch.testing.assert_close(step, expected)
+    assert step.square().mean().sqrt().item() == pytest.approx(0.2)
+    spectral = first_step("rmnp", W0, G, scale="spectral").reshape(shape[0], -1)
+    m, n = G2.shape
+    torch.testing.assert_close(spectral, math.sqrt(max(1, m / n)) * G2 / G2.norm(dim=1, keepdim=True))
+    G2[2] = 0  # a zero row: no step there, no NaN elsewhere
+    zero_row = first_step("rmnp", W0.reshape(m, n), G2)
+    assert torch.equal(zero_row[2], torch.zeros(n, dtype=torch.float64)) and torch.isfinite(zero_row).all()
+
+
+@pytest.mark.parametrize("name", [n for n in MATRIX_NAMES if n not in ("reg", "rmnp")])
+def test_every_newton_schulz_method_takes_ns_coefficients(name, monkeypatch):
+    g = seeded(16)
+    W0, G = torch.randn(12, 20, generator=g), torch.randn(12, 20, generator=g)
+    default = first_step(name, W0, G)
+    polar = first_step(name, W0, G, ns_coefficients="polar_express")
+    assert not torch.allclose(default, polar)
+    torch.testing.assert_close(first_step(name, W0, G, ns_coefficients=reg.POLAR_EXPRESS), polar, rtol=0, atol=0)
+    seen = []
+    real = reg.newton_schulz
+    monkeypatch.setattr(reg, "newton_schulz", lambda X, **kw: seen.append(kw["coefficients"]) or real(X, **kw))
+    first_step(name, W0, G, ns_coefficients=[(3.0, -3.2, 1.2)] * 5)
+    assert seen == [[(3.0, -3.2, 1.2)] * 5]
+    with pytest.raises(ValueError, match="ns_coefficients must be a triple"):
+        first_step(name, W0, G, ns_coefficients="polar")
+
+
+def test_muon_with_polar_express_steps_along_polar_express_of_the_gradient():
+    # From zero state the look-ahead is (1 - mu^2) G, and NS ignores the scale: the first
+    # step is Polar Express of G itself, times the rms factor.
+    g = seeded(17)
+    W0, G = torch.randn(24, 40, generator=g, dtype=torch.float64), torch.randn(24, 40, generator=g, dtype=torch.float64)
+    step = first_step("muon", W0, G, ns_coefficients="polar_express", ns_dtype=torch.float64)
+    expected = 0.2 * math.sqrt(40) * reg.newton_schulz(G, coefficients=reg.POLAR_EXPRESS, dtype=torch.float64)
+    torch.testing.assert_close(step, expected)
+
+
+@pytest.mark.parametrize("name", MATRIX_NAMES)
+def test_cautious_weight_decay_decays_exactly_where_update_and_weight_agree_in_sign(name):
+    g = seeded(18)
+    W0, G = torch.randn(16, 24, generator=g, dtype=torch.float64), torch.randn(16, 24, generator=g, dtype=torch.float64)
+    kw = {} if name in ("reg", "rmnp") else {"ns_dtype": torch.float64}
+    lr, wd = 0.1, 0.5
+    D = first_step(name, W0, G, lr=lr, **kw)  # the update alone (no decay): W1 = W0 - lr*D
+    agree = D * W0 >= 0
+    assert 0.2 < agree.double().mean() < 0.8  # both kinds of coordinate are present
+    plain = first_step(name, W0, G, lr=lr, weight_decay=wd, **kw)
+    cautious = first_step(name, W0, G, lr=lr, weight_decay=wd, cautious_wd=True, **kw)
+    torch.testing.assert_close(plain, D + wd * W0)  # decay everywhere
+    torch.testing.assert_close(cautious, D + wd * W0 * agree)  # decay only where the signs agree
+    with pytest.raises(ValueError, match="cautious_wd must be True or False"):
+        first_step(name, W0, G, cautious_wd="yes", **kw)
+    with pytest.raises(ValueError, match="'cautious_wd' is not an AdamW option"):
+        reg.build_optimizer("adamw", mlp(), cautious_wd=True)
+
+
+def test_normuon_takes_muoneq_mode_and_stacks_as_nanochat_does(monkeypatch):
+    g = seeded(19)
+    W0 = torch.randn(16, 40, generator=g, dtype=torch.float64)
+    G = torch.randn(16, 40, generator=g, dtype=torch.float64) * torch.logspace(-2, 2, 16, dtype=torch.float64)[:, None]
+    stacked = dict(mode="R", ns_coefficients="polar_express", ns_dtype=torch.float64)
+    step = first_step("normuon", W0, G, **stacked)
+    # Straight-line: unit rows (relative guard), Polar Express, NorMuon's first-step row
+    # normalization (v = (1-beta2) mean_j O^2), rescaled to RMS exactly 0.2.
+    r = G.square().sum(1, keepdim=True)
+    E = G / torch.sqrt(r + 1e-8 * r.mean())
+    O = reg.newton_schulz(E, coefficients=reg.POLAR_EXPRESS, dtype=torch.float64)
+    O_hat = O / (torch.sqrt(0.05 * O.square().mean(1, keepdim=True)) + 1e-8)
+    torch.testing.assert_close(step, 0.2 * O_hat / O_hat.square().mean().sqrt())
+    assert not torch.allclose(step, first_step("normuon", W0, G, ns_dtype=torch.float64))
+    seen = []
+    real = reg.newton_schulz
+    monkeypatch.setattr(reg, "newton_schulz", lambda X, **kw: seen.append(X.clone()) or real(X, **kw))
+    model = mlp()
+    opt = reg.build_optimizer("normuon", model, lr=1e-2, mode="R", ns_coefficients="polar_express", cautious_wd=True)
+    X, y = classification_problem()
+    losses = train(model, opt, X, y, steps=60)
+    assert losses[-1] < 0.3 * losses[0]
+    torch.testing.assert_close(seen[0].norm(dim=-1), torch.ones(seen[0].shape[:-1]))  # NS got unit rows
+    with pytest.raises(ValueError, match="mode must be"):
+        reg.build_optimizer("normuon", model, mode="rows")
 
 
 def run_matrices(name, grad_scale, steps=4):
@@ -666,6 +837,152 @@ def test_bfloat16_parameters_keep_float32_statistics_and_round_once(name):
 
 
 # -----------------------------------------------------------------------------
+# torch.optim's conventions, as a user's own training loop relies on them
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bfloat16_weights_resume_from_a_checkpoint_bit_identically(name):
+    # torch's load_state_dict casts every state tensor to its parameter's dtype; ours must
+    # come back float32 (and the next step run), continuing exactly as without the save.
+    X, y = classification_problem()
+    model = mlp().to(torch.bfloat16)
+    opt = reg.build_optimizer(name, model, lr=1e-2)
+    train(model, opt, X.to(torch.bfloat16), y, steps=3)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    straight = train(model, opt, X.to(torch.bfloat16), y, steps=3)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2 = mlp(seed=5).to(torch.bfloat16)
+    model2.load_state_dict(saved["model"])
+    opt2 = reg.build_optimizer(name, model2, lr=1e-2)
+    opt2.load_state_dict(saved["opt"])
+    if name != "adamw":  # torch's own AdamW keeps bfloat16 state for bfloat16 weights
+        for state in opt2.state.values():
+            assert all(v.dtype == torch.float32 for k, v in state.items() if k != "step"), state.keys()
+    assert train(model2, opt2, X.to(torch.bfloat16), y, steps=3) == straight
+
+
+@pytest.mark.parametrize("scheduler", ["OneCycleLR", "CyclicLR"])
+def test_a_momentum_cycling_scheduler_cycles_the_matrix_rule_momentum_too(scheduler):
+    X, y = classification_problem()
+
+    def run(use_scheduler):
+        model = mlp()
+        opt = reg.build_optimizer("muon", model, lr=1e-2)
+        if use_scheduler:
+            make = getattr(torch.optim.lr_scheduler, scheduler)
+            sched = (make(opt, max_lr=1e-2, total_steps=8) if scheduler == "OneCycleLR"
+                     else make(opt, base_lr=1e-3, max_lr=1e-2, step_size_up=3))
+        momenta, lrs = [], []
+        for step in range(8):
+            if not use_scheduler:  # the same schedule, written by hand into every group
+                for group in opt.param_groups:
+                    group["lr"], group["momentum"] = run.lrs[step], run.momenta[step]
+                    group["betas"] = (run.momenta[step], group["betas"][1])
+            momenta.append(opt.param_groups[0]["betas"][0])
+            lrs.append(opt.param_groups[0]["lr"])
+            train(model, opt, X, y, steps=1)
+            if use_scheduler:
+                sched.step()
+            assert opt.param_groups[0]["momentum"] == momenta[-1]  # the matrix group followed
+        run.momenta, run.lrs = momenta, lrs
+        return [p.detach().clone() for p in model.parameters()]
+
+    scheduled = run(True)
+    assert len(set(run.momenta)) > 3  # it really cycles
+    by_hand = run(False)
+    for a, b in zip(scheduled, by_hand):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_weights_frozen_when_the_optimizer_is_built_train_once_unfrozen(name):
+    X, y = classification_problem()
+    model = mlp()
+    for p in model[2].parameters():
+        p.requires_grad_(False)
+    opt = reg.build_optimizer(name, model, lr=1e-2)
+    before = model[2].weight.detach().clone()
+    train(model, opt, X, y, steps=2)
+    assert torch.equal(model[2].weight, before)  # frozen: no gradient, skipped
+    for p in model[2].parameters():
+        p.requires_grad_(True)
+    train(model, opt, X, y, steps=2)
+    assert not torch.equal(model[2].weight, before)
+    if name != "adamw":
+        groups = {id(p): g["name"] for g in opt.param_groups for p in g["params"]}
+        assert groups[id(model[2].weight)] == "matrix" and groups[id(model[2].bias)] == "adamw_no_decay"
+
+
+@pytest.mark.parametrize("name", MATRIX_NAMES)
+def test_add_param_group_routes_a_new_layer_the_way_torch_users_write_it(name):
+    X, y = classification_problem()
+    model = mlp()
+    opt = reg.build_optimizer(name, model, lr=1e-2)
+    block, head = nn.Linear(5, 5), nn.Linear(5, 5)
+    opt.add_param_group({"params": block.parameters()})  # a hidden layer: weight and bias split
+    opt.add_param_group({"params": head.named_parameters(), "use_adamw": True, "lr": 3e-3})  # a head
+    where = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert not where[id(block.weight)]["use_adamw"] and where[id(block.weight)]["weight_decay"] == 0.1
+    assert where[id(block.bias)]["use_adamw"] and where[id(block.bias)]["weight_decay"] == 0.0
+    assert where[id(head.weight)]["use_adamw"] and where[id(head.weight)]["lr"] == 3e-3
+    assert where[id(head.weight)]["param_names"] == ["weight", "bias"]
+    assert where[id(block.bias)]["param_names"] == [f"param_groups[{len(opt.param_groups) - 2}][0]"]
+    extended = nn.Sequential(*model, block, nn.GELU(), head)
+    before = [p.detach().clone() for p in (block.weight, block.bias, head.weight)]
+    losses = train(extended, opt, X, y, steps=5)
+    assert all(math.isfinite(v) for v in losses)
+    assert all(not torch.equal(b, p) for b, p in zip(before, (block.weight, block.bias, head.weight)))
+    with pytest.raises(ValueError, match="already in another param group"):
+        opt.add_param_group({"params": [block.weight]})
+    # An optimizer built from plain tensors (no names) takes named groups too, and the reverse.
+    unnamed = reg.build_optimizer(name, [dict(params=[model[0].weight], use_adamw=False)])
+    unnamed.add_param_group({"params": nn.Linear(3, 3).named_parameters()})
+    assert all("param_names" in g for g in unnamed.param_groups)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_named_parameters_are_taken_as_torch_takes_them(name):
+    model = TinyGPT()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # routed by shape: said, and tested elsewhere
+        opt = reg.build_optimizer(name, model.named_parameters())
+    names = [n for g in opt.param_groups for n in g["param_names"]]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    nn.functional.cross_entropy(model(torch.tensor([[1, 2, 3]])).view(-1, 32), torch.tensor([2, 3, 4])).backward()
+    opt.step()
+
+
+@pytest.mark.filterwarnings("ignore:.*no hidden matrices")
+@pytest.mark.parametrize("name", MATRIX_NAMES)
+def test_a_strided_vector_gets_the_right_adamw_step_and_nothing_beside_it_moves(name):
+    # torch's fused CPU AdamW kernel steps a non-contiguous tensor wrongly and writes into the
+    # memory between its elements: the AdamW part must never hand it one.
+    g = seeded(20)
+    storage = torch.randn(12, 2, generator=g)
+    strided = nn.Parameter(storage[:, 0])  # a view with stride 2: a leaf, not contiguous
+    assert not strided.is_contiguous()
+    reference = nn.Parameter(storage[:, 0].clone())
+    beside = storage[:, 1].clone()
+    ours = reg.build_optimizer(name, [dict(params=[strided], use_adamw=True)], lr=0.1)
+    theirs = torch.optim.AdamW([reference], lr=0.1, weight_decay=0.1, betas=(0.9, 0.95))
+    for _ in range(3):
+        G = torch.randn(12, generator=g)
+        strided.grad, reference.grad = G.clone(), G.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(strided.detach(), reference.detach())
+    assert torch.equal(storage[:, 1], beside)
+
+
+@pytest.mark.parametrize("name", MATRIX_NAMES)
+def test_a_tensor_lr_is_refused_in_one_line(name):
+    with pytest.raises(ValueError, match=r"lr as a Tensor is not supported: pass a number, e\.g\. lr=lr\.item\(\)"):
+        reg.build_optimizer(name, mlp(), lr=torch.tensor(1e-3))
+
+
+# -----------------------------------------------------------------------------
 # Bad input: a clear error that names the problem
 # -----------------------------------------------------------------------------
 
@@ -705,7 +1022,7 @@ def test_bad_method_options_and_names():
     with pytest.raises(ValueError, match="param group 1"):
         reg.Muon([dict(params=[model[0].weight]), dict(params=[model[2].weight], lr=-1)])
     with pytest.raises(ValueError, match=r"shape \(64,\) is in a matrix group.*param_groups"):
-        reg.Muon([dict(params=[model[0].bias])])
+        reg.Muon([dict(params=[model[0].bias], use_adamw=False)])
     with pytest.raises(NotImplementedError):  # the skeleton alone has no direction
         bare = reg.MatrixOptimizer(reg.param_groups(model))
         for p in model.parameters():
@@ -720,7 +1037,7 @@ def test_a_rejected_param_group_leaves_the_optimizer_as_it_was(name):
     bias = model[0].bias
     before = bias.detach().clone()
     with pytest.raises(ValueError, match=r"shape \(64,\) is in a matrix group"):
-        opt.add_param_group(dict(params=[bias]))
+        opt.add_param_group(dict(params=[bias], use_adamw=False))
     for bad in (dict(lr=float("nan")), dict(lr=float("inf")), dict(weight_decay=float("nan")),
                 dict(momentum=float("nan")), dict(betas=(float("nan"), 0.95))):
         with pytest.raises(ValueError, match="must be a finite number"):
