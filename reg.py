@@ -38,7 +38,7 @@ MuonEq's equilibration (`mode="R"`): together, nanochat's recipe (see NorMuon).
 
 The file: (1) the math, small pure functions on (..., m, n) tensors; (2) routing
 parameters into groups; (3) the optimizers: one `step` holding the whole update, five
-directions. CPU or CUDA. Under DistributedDataParallel the gradients are
+directions; (4) a look inside them (`inspect_matrix`). CPU or CUDA. Under DistributedDataParallel the gradients are
 already averaged across processes when `step` runs, so every process takes the same step.
 """
 
@@ -820,3 +820,27 @@ def build_optimizer(name, params, lr=1e-3, weight_decay=0.1, **kw):
         warnings.simplefilter("ignore")
         groups = as_param_groups(params)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **{"betas": (0.9, 0.95), **kw})
+
+
+# -----------------------------------------------------------------------------
+# 4. Looking inside: what an optimizer would do to one weight now
+# -----------------------------------------------------------------------------
+
+def inspect_matrix(opt, p):
+    """matrix_stats of weight p's momentum and of the direction optimizer `opt` (of this file,
+    or torch.optim.AdamW) would step it along now, computed on copies: looking never changes
+    the run. What train_gpt.py --track logs during training."""
+    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    state, (m, n) = opt.state.get(p, {}), matrix_shape(p)
+    if isinstance(opt, MatrixOptimizer) and "momentum_buffer" in state:
+        momentum = state["momentum_buffer"].reshape(m, n).float()
+        copies = [{k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}]
+        update = opt.direction(momentum[None].clone(), copies, group)[0]
+    elif "exp_avg" in state:  # AdamW: the bias-corrected m / (sqrt(v) + eps)
+        (beta1, beta2), step = group["betas"], float(state["step"])
+        momentum = state["exp_avg"].reshape(m, n).float()
+        v_hat = state["exp_avg_sq"].reshape(m, n).float() / (1 - beta2 ** step)
+        update = momentum / (1 - beta1 ** step) / (v_hat.sqrt() + group["eps"])
+    else:
+        return None
+    return dict(momentum=matrix_stats(momentum), update=matrix_stats(update))

@@ -36,7 +36,8 @@ from torch import nn
 import reg
 import train_cifar
 import train_gpt
-from results import benchmark, runs, summarize, text_data
+from results import benchmark, summarize
+from training import runs, text_data
 
 PLOTS = summarize.pyplot() is not None  # matplotlib is optional: without it, no figures and no error
 

@@ -46,9 +46,10 @@ from tqdm import tqdm
 
 import reg
 from results import summarize
-from results.runs import (Parser, ReportedError, check_device, default_bf16, download, existing_path,
-                          folder_path, load_checkpoint, number, optimizer_list, precision_note,
-                          read_log, resumed_settings, runs_to_do, save_atomic, write_run_json)
+from training.runs import (Parser, ReportedError, build_optimizer, check_device, claimed, default_bf16,
+                           download, existing_path, folder_path, load_checkpoint, number, optimizer_list,
+                           precision_note, read_log, resumed_settings, run_folder_name, runs_to_do,
+                           save_atomic, write_run_json)
 
 # -----------------------------------------------------------------------------
 # Settings: per-net sizes and every other default, in one place
@@ -292,17 +293,17 @@ def start(args, name, lr, seed, run_dir, resume):
     # segfaults on an odd-sized batch with 2+ threads (torch 2.13).
     layout = torch.channels_last if args.device.startswith("cuda") or args.net == "small" else torch.contiguous_format
     model = NETS[args.net](DATASETS[args.dataset]["classes"], args.width).to(args.device, memory_format=layout)
-    opt = reg.build_optimizer(name, model, lr=lr, weight_decay=args.weight_decay)
+    opt = build_optimizer(name, model, lr, args.weight_decay)
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]
     run = SimpleNamespace(args=args, name=name, lr=lr, seed=seed, dir=run_dir, model=model, opt=opt,
                           layout=layout, net=torch.compile(model) if args.compile else model,
-                          epoch=0, elapsed=0.0, log=[])
+                          epoch=0, elapsed=0.0, startup_s=None, log=[])
     if resume:
         saved = load_checkpoint(run_dir, "--resume")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
-        run.epoch, run.elapsed = saved["epoch"], saved["elapsed"]
+        run.epoch, run.elapsed, run.startup_s = saved["epoch"], saved["elapsed"], saved.get("startup_s")
         run.log = read_log(run_dir, "epoch", run.epoch)
     (run_dir / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in run.log))
     if args.compile:
@@ -314,6 +315,7 @@ def start(args, name, lr, seed, run_dir, resume):
 
 def train(args, name, lr, seed, data, run_dir, resume=False):
     """Train one model, writing its log, checkpoints and run.json; returns its log."""
+    t_start = time.perf_counter()
     run = start(args, name, lr, seed, run_dir, resume)
     train_x, train_y, test_x, test_y = data
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
@@ -341,6 +343,10 @@ def train(args, name, lr, seed, data, run_dir, resume=False):
             run.opt.zero_grad(set_to_none=True)
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == y).sum()
+            if run.startup_s is None:  # the run's first step is done: model, data, compile
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize(args.device)
+                run.startup_s = time.perf_counter() - t_start
         train_loss = loss_sum.item() / len(images)  # one sync per epoch
         if not math.isfinite(train_loss):
             raise ReportedError(f"{name} lr={lr:g}: the loss became {train_loss} in epoch {epoch + 1}; "
@@ -369,19 +375,21 @@ def save(run, entry):
     with open(run.dir / "log.jsonl", "a") as f:
         f.write(json.dumps(entry) + "\n")
     save_atomic(dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), epoch=entry["epoch"],
-                     elapsed=run.elapsed, optimizer_name=run.name, lr=run.lr, seed=run.seed,
+                     elapsed=run.elapsed, startup_s=run.startup_s, optimizer_name=run.name, lr=run.lr, seed=run.seed,
                      args=vars(run.args)), run.dir / "ckpt.pt")
 
 
 def write_record(run, finished):
     """run.json: the run, its settings and, once finished, its results.csv row."""
     last = run.log[-1] if run.log else {}
-    images_per_s = sum(e["images_per_s"] * e["epoch_time"] for e in run.log) / max(run.elapsed, 1e-9)
+    steady = run.log[1:] or run.log  # from the second epoch on: the first pays for the startup
+    images = sum(e["images_per_s"] * e["epoch_time"] for e in steady)
     write_run_json(run, NOT_SETTINGS, script="train_cifar", finished=finished, metric="test_top1",
                    lower_is_better=False, curve=["epoch", "test_top1"],
                    summary=dict(optimizer=run.name, lr=run.lr, seed=run.seed, epochs=last.get("epoch", 0),
                                 test_top1=last.get("test_top1"), test_top5=last.get("test_top5"),
-                                time=round(run.elapsed, 1), images_per_s=round(images_per_s)))
+                                time=round(run.elapsed, 1), startup_s=round(run.startup_s or 0.0, 1),
+                                images_per_s=round(images / max(sum(e["epoch_time"] for e in steady), 1e-9))))
 
 
 # -----------------------------------------------------------------------------
@@ -448,11 +456,13 @@ def main(argv=None):
         if args.device.startswith("cuda"):  # TF32 matmuls; cuDNN picks the fastest conv algorithms
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
-        todo = runs_to_do(args, NOT_SETTINGS, lambda name, lr, seed: f"{args.dataset}-{args.net}-{name}-lr{lr:g}-s{seed}")
+        todo = runs_to_do(args, NOT_SETTINGS, lambda name, lr, seed: f"{args.dataset}-{args.net}-{run_folder_name(name)}-lr{lr:g}-s{seed}")
         data = load_data(args)
         print(precision_note(args))
-        for name, lr, seed, run_dir, resume in todo:
-            train(args, name, lr, seed, data, run_dir, resume)
+        for name, lr, seed, run_dir, _ in todo:
+            with claimed(run_dir, args, explicit=bool(args.resume)) as claim:  # one writer per run
+                if claim:
+                    train(args, name, lr, seed, data, run_dir, claim == "resume")
         summarize.report(Path(args.resume).parent if args.resume else args.out_dir, strict=False)
     except (ReportedError, summarize.SweepError) as e:
         sys.exit(f"error: {e}")

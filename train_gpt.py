@@ -46,12 +46,11 @@ from tqdm import tqdm
 
 import reg
 from results import summarize
-from results.directions import inspect_matrix
-from results.runs import (Parser, ReportedError, check_device, default_bf16, download, existing_path,
-                          folder_path, load_checkpoint, mean_over_processes, number, optimizer_list,
-                          precision_note, read_log, resumed_settings, runs_to_do, save_atomic,
-                          start_distributed, write_run_json)
-from results.text_data import load_tokenizer, prepare, text_files
+from training.runs import (Parser, ReportedError, build_optimizer, check_device, claimed, default_bf16,
+                           download, existing_path, folder_path, load_checkpoint, mean_over_processes,
+                           number, optimizer_list, precision_note, read_log, resumed_settings,
+                           run_folder_name, runs_to_do, save_atomic, start_distributed, write_run_json)
+from training.text_data import load_tokenizer, prepare, text_files
 
 # -----------------------------------------------------------------------------
 # Settings: the sizes (presets) and every other default, in one place
@@ -309,8 +308,11 @@ def write_record(run, finished):
         first, last = run.log[0], run.log[-1]
         summary = dict(optimizer=run.name, lr=run.lr, seed=run.seed, final_val=last["val_loss"],
                        best_val=run.best_val, final_train=last["train_loss"], steps=last["step"],
-                       tokens=last["tokens"], time=round(run.elapsed, 1),
-                       tokens_per_s=round(last["tokens"] / max(run.elapsed, 1e-9)))
+                       tokens=last["tokens"], time=round(run.elapsed, 1), startup_s=round(run.startup_s, 1),
+                       tokens_per_s=round(steady_tokens_per_s(run)))
+        if run.args.peak_tflops:  # per process: each has one device's peak
+            flops = run.model.flops_per_token(run.args.block_size) * steady_tokens_per_s(run) / run.args.world
+            summary["mfu"] = round(flops / (run.args.peak_tflops * 1e12), 4)
         if "also_val_loss" in last:
             summary["also_val"] = last["also_val_loss"]
             if first["step"] == 0:
@@ -318,6 +320,13 @@ def write_record(run, finished):
     write_run_json(run, NOT_SETTINGS, script="train_gpt", finished=finished, metric="final_val",
                    lower_is_better=True, curve=["tokens", "val_loss"], summary=summary,
                    also_curve="also_val_loss" if run.args.also_eval else None)
+
+
+def steady_tokens_per_s(run):
+    """Training tokens per second after each session's first step, which pays for the
+    compile and the warm-up of the kernels (a minute or more on a GPU with --compile)."""
+    steps, seconds = run.steady
+    return steps * run.tokens_per_step / seconds if steps else run.step * run.tokens_per_step / max(run.elapsed, 1e-9)
 
 
 def start(args, name, lr, seed, data, run_dir, resume):
@@ -333,12 +342,13 @@ def start(args, name, lr, seed, data, run_dir, resume):
     model = GPT(cfg).to(args.device)
     if init:
         model.load_state_dict(init["model"])
-    opt = reg.build_optimizer(name, model, lr=lr, weight_decay=args.weight_decay)
+    opt = build_optimizer(name, model, lr, args.weight_decay)
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]  # the schedule scales this
     run = SimpleNamespace(args=args, name=name, lr=lr, seed=seed, dir=run_dir, cfg=cfg, model=model,
                           net=torch.compile(model) if args.compile else model, opt=opt, init=init,
-                          step=0, best_val=math.inf, elapsed=0.0, log=[], writes=args.rank == 0)
+                          step=0, best_val=math.inf, elapsed=0.0, startup_s=None, steady=[0, 0.0], log=[],
+                          writes=args.rank == 0)
     run.train_net = run.net  # what the training step calls: under torchrun, DDP around the net
     if args.world > 1:  # gradients are averaged across processes during backward
         from torch.nn.parallel import DistributedDataParallel
@@ -355,6 +365,7 @@ def start(args, name, lr, seed, data, run_dir, resume):
         model.load_state_dict(resumed["model"])
         opt.load_state_dict(resumed["optimizer"])
         run.step, run.best_val, run.elapsed = resumed["step"], resumed["best_val"], resumed["elapsed"]
+        run.startup_s, run.steady = resumed.get("startup_s"), resumed.get("steady", [0, 0.0])
         torch.set_rng_state(resumed["rng"]["torch"])
         run.train_batches.generator.set_state(resumed["rng"]["data"])
         if args.device.startswith("cuda") and resumed["rng"].get("cuda") is not None:
@@ -370,6 +381,7 @@ def start(args, name, lr, seed, data, run_dir, resume):
 
 def train(args, name, lr, seed, data, run_dir, resume=False):
     """Train one model, writing its log, checkpoints and run.json; returns its log."""
+    t_start = time.perf_counter()
     run = start(args, name, lr, seed, data, run_dir, resume)
     model, opt = run.model, run.opt
     flops_per_step = model.flops_per_token(args.block_size) * run.tokens_per_step
@@ -378,6 +390,7 @@ def train(args, name, lr, seed, data, run_dir, resume=False):
     bar = tqdm(range(run.step, args.max_steps), initial=run.step, total=args.max_steps,
                desc=f"{name} lr={lr:g} seed={seed}", dynamic_ncols=True, disable=args.quiet)
     pending, t_last, step_last = [], time.perf_counter(), run.step
+    first_step = run.step
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(step, args)
@@ -399,18 +412,26 @@ def train(args, name, lr, seed, data, run_dir, resume=False):
         pending.append(loss_sum)  # read every log_every steps: one device sync per interval
 
         done = step + 1
+        if step == first_step:  # this session's first step: the end of its startup
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize(args.device)
+            now = time.perf_counter()
+            run.startup_s = now - t_start if run.startup_s is None else run.startup_s
+            run.elapsed += now - t_last
+            t_last, step_last = now, done
         is_eval = done % args.eval_every == 0 or done == args.max_steps
         if done % args.log_every == 0 or is_eval:
             losses = mean_over_processes(torch.stack(pending), args.world).tolist()
             check_finite(losses, done, run, bar)
             pending, now = [], time.perf_counter()
             run.elapsed += now - t_last
-            speed = (done - step_last) / (now - t_last)
+            run.steady = [run.steady[0] + done - step_last, run.steady[1] + now - t_last]
+            speed = (done - step_last) / max(now - t_last, 1e-9)
             t_last, step_last = now, done
             postfix = dict(loss=f"{losses[-1]:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
                            tok_s=f"{speed * run.tokens_per_step:,.0f}")
-            if args.peak_tflops:
-                postfix["mfu"] = f"{speed * flops_per_step / (args.peak_tflops * 1e12):.1%}"
+            if args.peak_tflops:  # per process: the step's FLOPs are shared out over `world` devices
+                postfix["mfu"] = f"{speed * flops_per_step / args.world / (args.peak_tflops * 1e12):.1%}"
             bar.set_postfix(postfix)
         if is_eval:
             evaluate_and_save(run, done, losses[-1])
@@ -420,7 +441,7 @@ def train(args, name, lr, seed, data, run_dir, resume=False):
         write_record(run, finished=True)
     print(f"{name} lr={lr:g} seed={seed}: final val loss {run.log[-1]['val_loss']:.4f} "
           f"(best {run.best_val:.4f}), {run.elapsed:.1f}s of training, "
-          f"{run.log[-1]['tokens'] / max(run.elapsed, 1e-9):,.0f} tokens/s")
+          f"{steady_tokens_per_s(run):,.0f} tokens/s after a startup of {run.startup_s:.1f}s")
     return run.log
 
 
@@ -442,7 +463,7 @@ def evaluate_and_save(run, step, train_loss):
     for key, batches in zip(("val_loss", "also_val_loss"), run.val_batches):
         entry[key] = evaluate(run.net, batches, run.autocast)
     if run.tracked:
-        entry["track"] = {k: inspect_matrix(run.opt, p) for k, p in run.tracked.items()}
+        entry["track"] = {k: reg.inspect_matrix(run.opt, p) for k, p in run.tracked.items()}
     run.log.append(entry)
     if step:
         run.best_val = min(run.best_val, entry["val_loss"])
@@ -468,7 +489,8 @@ def save_checkpoint(run, step):
     rng = dict(torch=torch.get_rng_state(), data=run.train_batches.generator.get_state(),
                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     save_atomic(dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), model_config=asdict(run.cfg),
-                     step=step, best_val=run.best_val, elapsed=run.elapsed, optimizer_name=run.name,
+                     step=step, best_val=run.best_val, elapsed=run.elapsed, startup_s=run.startup_s,
+                     steady=run.steady, optimizer_name=run.name,
                      lr=run.lr, seed=run.seed, args=vars(run.args), rng=rng), run.dir / "ckpt.pt")
 
 
@@ -568,7 +590,9 @@ def check_model(args, meta):
                                 f"{', '.join(matrices[:6])}, ...")
 
 
-PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "A100": 312}  # dense bf16, by GPU name
+# Dense bf16 TFLOPS by GPU name, the first name contained in the device's that matches (so
+# the NVL cards, with lower clocks, come before the SXM ones); None: unknown, pass --peak-tflops.
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": None, "H100": 989, "H200 NVL": 835, "H200": 989, "A100": 312}
 
 
 def known_peak_tflops(device_name, bf16):
@@ -601,7 +625,7 @@ def main(argv=None):
         start_distributed(args)
         if args.device.startswith("cuda"):  # float32 matmuls on tensor cores (TF32), as nanoGPT
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        todo = runs_to_do(args, NOT_SETTINGS, lambda name, lr, seed: f"{name}-lr{lr:g}-s{seed}")
+        todo = runs_to_do(args, NOT_SETTINGS, lambda name, lr, seed: f"{run_folder_name(name)}-lr{lr:g}-s{seed}")
         for turn in ("first", "then"):  # rank 0 tokenizes (or checks the cache) before the others read it
             if (args.rank == 0) == (turn == "first"):
                 splits, meta = load_data(args, args.data)
@@ -610,8 +634,10 @@ def main(argv=None):
                 torch.distributed.barrier()
         check_model(args, meta)
         describe(args, meta)
-        for name, lr, seed, run_dir, resume in todo:
-            train(args, name, lr, seed, (splits, meta, also_val), run_dir, resume)
+        for name, lr, seed, run_dir, _ in todo:
+            with claimed(run_dir, args, explicit=bool(args.resume)) as claim:  # one writer per run
+                if claim:
+                    train(args, name, lr, seed, (splits, meta, also_val), run_dir, claim == "resume")
         if args.rank == 0:
             summarize.report(Path(args.resume).parent if args.resume else args.out_dir, strict=False)
         if args.world > 1:  # leave together: a process that exited while rank 0 still wrote the

@@ -5,12 +5,12 @@ results/directions.py: what each method's direction does to one real momentum ma
 
 Reads one weight's momentum from a train_gpt.py checkpoint (a matrix method's
 momentum_buffer, or AdamW's exp_avg), applies the directions of Muon, MuonEq-R, NorMuon
-(its first step) and REG to it, and prints and plots, for the momentum and each direction,
+(its first step), REG and RMNP to it, and prints and plots, for the momentum and each direction,
 the singular values and the row norms. Every matrix is first scaled to the Frobenius norm
 of a semi-orthogonal matrix of its shape, sqrt(min(m, n)), so that only the *shape* of the
 spectrum and of the rows differs. Writes results/directions.png (or --out).
 
-inspect_matrix, the same look during training, is what train_gpt.py --track logs.
+reg.inspect_matrix, the same look during training, is what train_gpt.py --track logs.
 """
 
 import argparse
@@ -21,31 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # reg.py and train_gpt.py
 import reg  # noqa: E402
-
-
-def inspect_matrix(opt, p):
-    """train_gpt.py --track: reg.matrix_stats of a weight's momentum and of the update
-    direction the optimizer would apply to it now, computed on copies: inspecting never
-    changes the run."""
-    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-    state, (m, n) = opt.state.get(p, {}), reg.matrix_shape(p)
-    if isinstance(opt, reg.MatrixOptimizer) and "momentum_buffer" in state:
-        momentum = state["momentum_buffer"].reshape(m, n).float()
-        copies = [{k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}]
-        update = opt.direction(momentum[None].clone(), copies, group)[0]
-    elif "exp_avg" in state:  # AdamW: the bias-corrected m / (sqrt(v) + eps)
-        (beta1, beta2), step = group["betas"], float(state["step"])
-        momentum = state["exp_avg"].reshape(m, n).float()
-        v_hat = state["exp_avg_sq"].reshape(m, n).float() / (1 - beta2 ** step)
-        update = momentum / (1 - beta1 ** step) / (v_hat.sqrt() + group["eps"])
-    else:
-        return None
-    return dict(momentum=reg.matrix_stats(momentum), update=reg.matrix_stats(update))
+import train_gpt  # noqa: E402
 
 
 def momentum_of(checkpoint, weight):
     """The named weight's momentum in a train_gpt.py checkpoint, as an (m, n) float32 matrix."""
-    import train_gpt  # here, not at the top: train_gpt.py imports this file for inspect_matrix
     model = train_gpt.GPT(train_gpt.GPTConfig(**checkpoint["model_config"]))
     names = [name for g in reg.param_groups(model) for name in g["param_names"]]
     if weight not in names:
@@ -63,7 +43,8 @@ def directions(M):
     semi-orthogonal matrix of its shape."""
     O = reg.newton_schulz(M)
     out = {"momentum": M, "Muon": O, "MuonEq-R": reg.newton_schulz(reg.equilibrate(M, "R")),
-           "NorMuon": reg.normuon_normalize(O, torch.zeros(M.shape[0], 1))[0], "REG": reg.racs(M)}
+           "NorMuon": reg.normuon_normalize(O, torch.zeros(M.shape[0], 1))[0], "REG": reg.racs(M),
+           "RMNP": reg.row_normalize(M)}
     return {k: v * min(M.shape) ** 0.5 / v.norm() for k, v in out.items()}
 
 
@@ -96,7 +77,7 @@ def main(argv=None):
         return print("(matplotlib is not installed: no figure; pip install matplotlib)")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"momentum": dict(color="black", lw=2.5), "Muon": dict(ls="-"), "MuonEq-R": dict(ls="--"),
-              "NorMuon": dict(ls=":", lw=2), "REG": dict(ls="-.")}
+              "NorMuon": dict(ls=":", lw=2), "REG": dict(ls="-."), "RMNP": dict(ls=(0, (5, 1, 1, 1, 1, 1)))}
     for name, X in mats.items():
         style = styles[name]
         left.plot(torch.linalg.svdvals(X.double()), label=name, **style)

@@ -29,13 +29,27 @@ class SweepError(Exception):
     """A folder that cannot be summarized, with the reason in one line."""
 
 
+def read_jsonl(path):
+    """The entries of a log.jsonl. A last line cut short (a process killed while appending
+    it) is dropped: the run resumes from its checkpoint, before that line. A bad line
+    anywhere else is a SweepError."""
+    lines = Path(path).read_text().splitlines()
+    entries = []
+    for i, line in enumerate(lines):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise SweepError(f"{path}: line {i + 1} is not JSON") from None
+    return entries
+
+
 def read_runs(folder):
     """(finished, unfinished) runs in `folder`: run.json of each subfolder, with its log."""
     finished, unfinished = [], []
     for path in sorted(Path(folder).glob("*/run.json")):
         run = json.loads(path.read_text())
-        run["log"] = [json.loads(line) for line in (path.parent / "log.jsonl").read_text().splitlines()
-                      if line.strip()] if (path.parent / "log.jsonl").exists() else []
+        run["log"] = read_jsonl(path.parent / "log.jsonl") if (path.parent / "log.jsonl").exists() else []
         (finished if run["finished"] else unfinished).append(run)
     return finished, unfinished
 
@@ -71,9 +85,13 @@ def summarize_sweep(runs, metric, lower_is_better=True):
 
 
 def write_csv(rows, path):
-    """Rows (dicts with the same keys) -> CSV, written atomically: a reader, or another
-    process writing the same folder, sees the old file or the new one, never a mix."""
-    lines = [",".join(rows[0])] + [",".join(str(v) for v in row.values()) for row in rows]
+    """Rows (dicts) -> CSV, one column per key any row has (in order of first appearance;
+    empty where a row lacks it, as runs made before a column existed do), written
+    atomically: a reader, or another process writing the same folder, sees the old file or
+    the new one, never a mix."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = [",".join(columns)] + [",".join("" if row.get(c) is None else str(row[c]) for c in columns)
+                                   for row in rows]
     tmp = Path(f"{path}.{os.getpid()}.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)

@@ -1,5 +1,5 @@
 """
-results/text_data.py: train_gpt.py's data preparation, from text files to a token cache.
+training/text_data.py: train_gpt.py's data preparation, from text files to a token cache.
 
 Text (Parquet with a `text` column, JSON Lines with a `text` field, optionally .gz, plain
 .txt, or a directory of them) is read into documents, split into train and val by a
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from results.runs import ReportedError, write_atomic
+from training.runs import ReportedError, write_atomic
 
 CACHE_VERSION = 2  # bump when the cache layout or the split rule changes
 

@@ -1,5 +1,5 @@
 """
-results/runs.py: what train_gpt.py and train_cifar.py share, none of it about optimizers.
+training/runs.py: what train_gpt.py and train_cifar.py share, none of it about optimizers.
 
 Run folders (which runs a command still has to do, resuming one with its own settings,
 atomic writes, checkpoints), downloads, the command line's checks, the choice of
@@ -9,16 +9,23 @@ into tables and figures.
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
 import os
 import sys
 import urllib.request
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+try:
+    import fcntl  # POSIX file locks
+except ImportError:  # Windows
+    fcntl = None
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # reg.py
 import reg  # noqa: E402
@@ -49,19 +56,31 @@ def write_run_json(run, not_settings, **fields):
 
 
 def read_log(run_dir, key, upto):
-    """A resumed run's log.jsonl up to its checkpoint (`key` <= `upto`): the rest is redone."""
-    lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e[key] <= upto]
+    """A resumed run's log.jsonl up to its checkpoint (`key` <= `upto`): the rest is redone.
+    A last line cut short by a kill is dropped (summarize.read_jsonl)."""
+    try:
+        return [e for e in summarize.read_jsonl(Path(run_dir) / "log.jsonl") if e[key] <= upto]
+    except summarize.SweepError as e:
+        raise ReportedError(f"{e}: delete {run_dir} to train that run from the start") from None
 
 
 def load_checkpoint(path, what):
+    """A checkpoint, loaded as data (weights_only=True): tensors, numbers, strings, lists and
+    dicts, never code, so loading a checkpoint someone shared cannot run anything."""
     path = Path(path) / "ckpt.pt" if Path(path).is_dir() else Path(path)
     if not path.is_file():
         raise ReportedError(f"{what} {path}: no checkpoint there")
+    fix = ("point --init-from at a whole checkpoint" if what == "--init-from"
+           else f"delete {path.parent} to train that run from the start")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise ReportedError(f"{what} {path}: not a readable checkpoint ({e})") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # code where data should be, or a truncated or foreign file
+        code = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if code:
+            raise ReportedError(f"{what} {path}: holds more than tensors and plain data, so it is not "
+                                f"loaded (a checkpoint is read as data, never run as code): {code[0]}") from None
+        raise ReportedError(f"{what} {path}: not a readable checkpoint ({str(e).splitlines()[0][:120]}); "
+                            f"{fix}") from None
 
 
 def runs_to_do(args, not_settings, run_name):
@@ -89,6 +108,47 @@ def runs_to_do(args, not_settings, run_name):
             if todo[-1][-1]:
                 print(f"{run_dir.name}: stopped early; resuming it")
     return todo
+
+
+@contextlib.contextmanager
+def claimed(run_dir, args, explicit=False):
+    """Hold an OS lock on run_dir/.lock while this process trains the run, so that one run
+    has one writer: a second command on the same folder skips the runs another process is
+    training and takes the others (launch a sweep N times and it is shared out N ways). The
+    OS releases the lock when the process ends, kill -9 included. Yields "fresh", "resume"
+    (a checkpoint is there) or None (another process holds the run, or finished it since
+    this command listed it). Under torchrun rank 0 decides for all. `explicit` (--resume):
+    a run held elsewhere is an error, not a skip. No lock where the OS has no flock
+    (Windows): there, run one command per folder."""
+    handle, decision = None, 0  # 0: skip, 1: fresh, 2: resume
+    rank, world = getattr(args, "rank", 0), getattr(args, "world", 1)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / ".lock", "a")
+        try:
+            if fcntl:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            record = run_dir / "run.json"
+            finished = not explicit and record.exists() and json.loads(record.read_text()).get("finished")
+            decision = 0 if finished else 2 if (run_dir / "ckpt.pt").exists() else 1
+            if finished:
+                print(f"{run_dir.name}: finished by another process meanwhile; reusing it")
+        except BlockingIOError:
+            handle.close()
+            handle = None
+            if explicit:
+                raise ReportedError(f"{run_dir} is being trained by another process right now: "
+                                    "wait for it to finish, or stop it first") from None
+            print(f"{run_dir.name}: another process is training it; skipping it here")
+    if world > 1:
+        flag = torch.tensor([decision], device=args.device)
+        torch.distributed.broadcast(flag, 0)
+        decision = int(flag.item())
+    try:
+        yield (None, "fresh", "resume")[decision]
+    finally:
+        if handle:
+            handle.close()  # closing the file releases the lock
 
 
 def resumed_settings(given, may_set, progress, limit):
@@ -186,14 +246,55 @@ def folder_path(text):
     return text
 
 
+def option_value(text):
+    """A method option's value from the command line: a number (inf too), true/false, or
+    the text itself ("polar_express", "R")."""
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(text)
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def optimizer_spec(spec):
+    """"reg:p=inf:racs_steps=3" -> ("reg", {"p": inf, "racs_steps": 3}): a name of
+    reg.OPTIMIZERS, then its options after colons."""
+    name, *options = spec.split(":")
+    pairs = [o.split("=", 1) for o in options]
+    if any(len(pair) != 2 or not pair[0] for pair in pairs):
+        raise argparse.ArgumentTypeError(f"{spec}: options go as name:key=value[:key=value], "
+                                         "e.g. muon:ns_coefficients=polar_express")
+    return name, {key: option_value(value) for key, value in pairs}
+
+
 def optimizer_list(text):
-    """--optimizer: a comma list such as "adamw,reg" -> ["adamw", "reg"], every name known."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in reg.OPTIMIZERS]
-    if unknown or not names:
+    """--optimizer: a comma list such as "adamw,reg,muon:ns_coefficients=polar_express" ->
+    its specs, each name known and each option one its optimizer takes, with a valid value
+    (checked by building it on a dummy weight)."""
+    specs = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in specs if optimizer_spec(n)[0] not in reg.OPTIMIZERS]
+    if unknown or not specs:
         raise argparse.ArgumentTypeError(f"unknown optimizer {', '.join(unknown) or repr(text)}; "
                                          f"known: {', '.join(reg.OPTIMIZERS)}")
-    return names
+    for spec in specs:
+        name, options = optimizer_spec(spec)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                reg.build_optimizer(name, [torch.nn.Parameter(torch.zeros(2, 2))], **options)
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(f"{spec}: {e}") from None
+    return specs
+
+
+def build_optimizer(spec, model, lr, weight_decay):
+    """reg.build_optimizer for an --optimizer spec (optimizer_spec)."""
+    name, options = optimizer_spec(spec)
+    return reg.build_optimizer(name, model, lr=lr, weight_decay=weight_decay, **options)
+
+
+def run_folder_name(spec):
+    """A spec as part of a folder name: its colons (which Windows forbids) as '+'."""
+    return spec.replace(":", "+")
 
 
 def check_device(text):
