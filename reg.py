@@ -318,14 +318,31 @@ def stat_dtype(p):
     return torch.promote_types(p.dtype, torch.float32)
 
 
-def use_compiled_math():
-    """Swap the functions above for torch.compile'd versions, which every optimizer then
-    looks up by name: mostly a CUDA win (the elementwise work around the matmuls, and all
-    of RACS, fused into fewer kernels). Each matrix shape's first step pays for compiling."""
-    global newton_schulz, equilibrate, normuon_normalize, racs, row_normalize, update_scale
-    if not hasattr(newton_schulz, "_torchdynamo_orig_callable"):  # not compiled already
-        newton_schulz, equilibrate, normuon_normalize, racs, row_normalize, update_scale = map(
-            torch.compile, (newton_schulz, equilibrate, normuon_normalize, racs, row_normalize, update_scale))
+COMPILED = ("newton_schulz", "equilibrate", "normuon_normalize", "racs", "row_normalize", "update_scale")
+_eager = {}  # the plain functions, while compiled ones stand in for them
+
+
+def use_compiled_math(enabled=True, **compile_options):
+    """Swap the functions above for torch.compile'd versions (enabled=False swaps them back),
+    which every optimizer then looks up by name: mostly a CUDA win (the elementwise work
+    around the matmuls, and all of RACS, fused into fewer kernels).
+
+    They are compiled with dynamic shapes, so that one graph serves many matrix shapes.
+    Compiled apart still: a batch of one matrix (torch specializes sizes of 1), the tall
+    and the wide branch of newton_schulz, and each dtype and option value (coefficients,
+    mode, p). In a scaled-down GPT-2 step that is at most 2 graphs per function and in a
+    ResNet-18 step (11 matrix shapes) 4, where torch's default, static shapes until a
+    recompile, takes up to 4 and 5, and static shapes alone 11: more than torch's
+    recompile limit (8), past which a function silently runs eager. The first steps pay
+    for compiling. compile_options go to torch.compile (e.g. mode="max-autotune", or
+    backend="eager" to check the tracing alone); to change them, swap back first.
+    """
+    for name in COMPILED:
+        if enabled and name not in _eager:
+            _eager[name] = globals()[name]
+            globals()[name] = torch.compile(_eager[name], **{"dynamic": True, **compile_options})
+        elif not enabled and name in _eager:
+            globals()[name] = _eager.pop(name)
 
 
 # -----------------------------------------------------------------------------

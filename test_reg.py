@@ -322,6 +322,66 @@ def test_matrix_stats_reads_condition_number_stable_rank_and_row_spread():
     assert reg.matrix_stats(torch.zeros(3, 4)) == dict(cond=None, stable_rank=0.0, row_spread=None)
 
 
+@pytest.fixture
+def compiled_math():
+    """reg's math compiled for one test, then swapped back (it is global)."""
+    torch._dynamo.reset()
+    yield reg.use_compiled_math
+    reg.use_compiled_math(False)
+    torch._dynamo.reset()
+
+
+def test_compiled_math_matches_eager_on_the_shapes_of_a_real_step(compiled_math):
+    # Inductor on a CPU, as --compile runs it: a batch of one (square), wide, tall (the
+    # transposed branch), and Newton-Schulz in bfloat16, each against the plain function.
+    g = seeded(21)
+    one, wide, tall = (torch.randn(*s, generator=g) for s in ((1, 24, 24), (3, 16, 40), (3, 40, 16)))
+    v = torch.rand(3, 40, 1, generator=g)
+    eager = {name: getattr(reg, name) for name in reg.COMPILED}
+    cases = [("newton_schulz", (X,), {}) for X in (one, wide, tall)] + [
+        ("newton_schulz", (wide,), {"coefficients": "polar_express"}), ("equilibrate", (tall, "RC"), {}),
+        ("normuon_normalize", (tall, v), {}), ("racs", (tall,), {}), ("row_normalize", (tall,), {}),
+        ("update_scale", (tall, "rms", True), {})]
+    expected = [eager[name](*a, **kw) for name, a, kw in cases]
+    bf16_eager = eager["newton_schulz"](wide, dtype=torch.bfloat16)
+    compiled_math()
+    assert all(getattr(reg, name) is not eager[name] for name in reg.COMPILED)
+    for (name, a, kw), want in zip(cases, expected):
+        torch.testing.assert_close(getattr(reg, name)(*a, **kw), want, rtol=1e-4, atol=1e-5, msg=name)
+    # bfloat16: the compiled version rounds differently (fused), so it must be as close to
+    # the float32 result as the plain bfloat16 one is, give or take.
+    bf16 = reg.newton_schulz(wide, dtype=torch.bfloat16)
+    exact = expected[1]
+    assert (bf16 - exact).norm() < 1.5 * (bf16_eager - exact).norm() + 1e-3 * exact.norm()
+    reg.use_compiled_math(False)
+    assert all(getattr(reg, name) is eager[name] for name in reg.COMPILED)  # swapped back
+
+
+@pytest.mark.parametrize("shaped_like", ["gpt2", "resnet18"])
+def test_a_compiled_step_stays_under_the_recompile_limit(shaped_like, compiled_math):
+    # Past torch's recompile limit a compiled function silently runs eager. Dynamo's guards
+    # (not the backend) decide how often it compiles, so the "eager" backend shows the
+    # count in seconds. The models are scaled down with every shape relation kept: GPT-2's
+    # 12 blocks of tall qkv, square proj, tall fc and wide mlp_proj; ResNet-18's 11 conv
+    # shapes (k, m, n), five of them a single matrix. A run uses one optimizer: each
+    # configuration starts from a clean cache.
+    configs = [("muon", {}), ("normuon", {"mode": "R", "ns_coefficients": "polar_express", "cautious_wd": True}),
+               ("reg", {}), ("rmnp", {})]
+    for name, options in configs:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = (benchmark.gpt2_small_params(blocks=12, width=32, vocab=50, context=16) if shaped_like == "gpt2"
+                 else train_cifar.ResNet18(10, width=4))
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt = reg.build_optimizer(name, model, **options)
+        compiled_math(backend="eager")
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for _ in range(2):
+                opt.step()
+        reg.use_compiled_math(False)
+
+
 # -----------------------------------------------------------------------------
 # 2. Routing: which parameters get the matrix rule
 # -----------------------------------------------------------------------------
@@ -1263,6 +1323,155 @@ def test_train_gpt_init_from_starts_from_the_checkpoint_weights(tmp_path, bpe):
     assert (tmp_path / "ft" / "sweep.csv").exists() and (tmp_path / "ft" / "forgetting.png").exists() == PLOTS
 
 
+# -----------------------------------------------------------------------------
+# Checkpoints are data; one writer per run; a kill at any moment loses nothing
+# -----------------------------------------------------------------------------
+
+class RunsCode:
+    """Unpickling this calls open(path, "w"): a checkpoint that runs code when loaded."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, bpe):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    train_gpt.main(gpt_args(tmp_path, data, bpe, "--optimizer", "muon", "--max-steps", "2", "--eval-every", "2",
+                            "--warmup-steps", "1"))
+    run = tmp_path / "out" / "muon-lr0.003-s0"
+    saved = torch.load(run / "ckpt.pt", weights_only=True)
+    marker = tmp_path / "the-code-ran"
+    for flag, target in (("--init-from", tmp_path / "shared.pt"), ("--resume", run / "ckpt.pt")):
+        torch.save({**saved, "extra": RunsCode(marker)}, target)
+        argv = (gpt_args(tmp_path, data, bpe, "--init-from", str(target), "--out-dir", str(tmp_path / "ft"))
+                if flag == "--init-from" else ["--resume", str(run), "--max-steps", "4"])
+        expect_error(argv, flag, "never run as code", "(it calls io.open)")
+        assert not marker.exists()
+
+
+def test_init_from_takes_a_plain_state_dict_and_names_what_a_foreign_file_lacks(tmp_path, bpe, capsys):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    train_gpt.main(gpt_args(tmp_path, data, bpe, "--optimizer", "adamw", "--max-steps", "2", "--eval-every", "2",
+                            "--warmup-steps", "1"))
+    model = torch.load(tmp_path / "out" / "adamw-lr0.003-s0" / "ckpt.pt", weights_only=True)["model"]
+    torch.save(model, tmp_path / "state_dict.pt")  # model.state_dict(), as people share weights
+    ft = gpt_args(tmp_path, data, bpe, "--optimizer", "reg", "--max-steps", "2", "--eval-every", "2", "--lr", "0",
+                  "--warmup-steps", "1", "--out-dir", str(tmp_path / "ft"))
+    capsys.readouterr()
+    train_gpt.main(ft + ["--init-from", str(tmp_path / "state_dict.pt")])
+    assert "a plain state_dict: 1 layers, width 32, context 16" in capsys.readouterr().out
+    after = torch.load(tmp_path / "ft" / "reg-lr0-s0" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(model[k], after[k]) for k in model)  # lr 0: it started from those weights
+    torch.save({"weights": model}, tmp_path / "foreign.pt")
+    expect_error(ft + ["--init-from", str(tmp_path / "foreign.pt"), "--out-dir", str(tmp_path / "x")],
+                 "neither a checkpoint of train_gpt.py (it has no 'model' or 'model_config')",
+                 "nor a state_dict of this GPT")
+    expect_error(ft + ["--init-from", str(tmp_path / "state_dict.pt"), "--n-head", "3", "--n-embd", "48", "--out-dir", str(tmp_path / "x")],
+                 "width 32, which --n-head 3 does not divide")
+
+
+def test_a_truncated_checkpoint_says_how_to_start_the_run_over(tmp_path, bpe):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    argv = gpt_args(tmp_path, data, bpe, "--optimizer", "muon", "--max-steps", "4", "--eval-every", "2",
+                    "--warmup-steps", "1")
+    train_gpt.main(argv)
+    run = tmp_path / "out" / "muon-lr0.003-s0"
+    (run / "ckpt.pt").write_bytes((run / "ckpt.pt").read_bytes()[:100])  # as a full disk leaves it
+    json_path = run / "run.json"
+    json_path.write_text(json_path.read_text().replace('"finished": true', '"finished": false'))
+    for command in (["--resume", str(run), "--max-steps", "6"], argv):
+        expect_error(command, "not a readable checkpoint", f"delete {run} to train that run from the start")
+
+
+def test_a_run_another_process_holds_is_skipped_then_taken(tmp_path, bpe, capsys):
+    import fcntl
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    argv = gpt_args(tmp_path, data, bpe, "--optimizer", "muon", "--lr", "1e-2,2e-2", "--max-steps", "2",
+                    "--eval-every", "2", "--warmup-steps", "1")
+    held = tmp_path / "out" / "muon-lr0.01-s0"
+    held.mkdir(parents=True)
+    with open(held / ".lock", "a") as lock:  # as another process training that run would hold it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        train_gpt.main(argv)
+        assert "muon-lr0.01-s0: another process is training it; skipping it here" in capsys.readouterr().out
+        assert not (held / "log.jsonl").exists()
+        other = tmp_path / "out" / "muon-lr0.02-s0"
+        assert (other / "log.jsonl").exists()
+        with open(other / ".lock", "a") as second:  # --resume of a run held elsewhere: an error
+            fcntl.flock(second, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            expect_error(["--resume", str(other), "--max-steps", "4"], "being trained by another process")
+    train_gpt.main(argv)  # released (as by the end of that process): now this command takes it
+    assert [e["step"] for e in read_run_log(tmp_path, "muon-lr0.01-s0")] == [2]
+
+
+def sweep_process(tmp_path, argv):
+    """train_gpt.py in a process of its own, one thread (output: .communicate())."""
+    return subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py"), *argv], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def run_to_the_end(tmp_path, argv):
+    process = sweep_process(tmp_path, argv)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output
+
+
+def test_one_sweep_launched_twice_is_shared_out_and_each_run_trained_once(tmp_path, bpe):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    argv = gpt_args(tmp_path, data, bpe, "--optimizer", "adamw,muon", "--lr", "1e-2,2e-2", "--max-steps", "6",
+                    "--eval-every", "3", "--warmup-steps", "1")
+    train_gpt.main(gpt_args(tmp_path, data, bpe, "--max-steps", "2", "--eval-every", "2", "--warmup-steps", "1",
+                            "--out-dir", str(tmp_path / "warm")))  # the token cache, made once
+    processes = [sweep_process(tmp_path, argv) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs
+    trained = [line.split(":")[0] for out in outputs for line in out.splitlines() if ": final val loss" in line]
+    # Each run trained once, by one of the two (which one depends on timing).
+    assert sorted(trained) == sorted(f"{o} lr={lr} seed=0" for o in ("adamw", "muon") for lr in ("0.01", "0.02"))
+    for run in (tmp_path / "out").glob("*-s0"):
+        assert [e["step"] for e in read_run_log(tmp_path, run.name)] == [3, 6]  # each line once
+    assert len((tmp_path / "out" / "results.csv").read_text().splitlines()) == 5
+
+
+def test_kill_9_at_any_moment_then_the_same_command_ends_as_an_uninterrupted_run(tmp_path, bpe):
+    import signal
+    import time
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    argv = gpt_args(tmp_path, data, bpe, "--optimizer", "muon", "--lr", "1e-2", "--max-steps", "40",
+                    "--eval-every", "2", "--warmup-steps", "1")
+    # Every run in a process of its own with one thread: the same kernels, the same rounding.
+    run_to_the_end(tmp_path, argv + ["--out-dir", str(tmp_path / "straight")])
+    straight = [json.loads(l) for l in (tmp_path / "straight" / "muon-lr0.01-s0" / "log.jsonl").read_text().splitlines()]
+    log = tmp_path / "out" / "muon-lr0.01-s0" / "log.jsonl"
+    for lines_before_kill in (1, 4, 9):  # killed mid-run, at whichever moment that falls on
+        process = sweep_process(tmp_path, argv)
+        while process.poll() is None and (not log.exists() or len(log.read_text().splitlines()) < lines_before_kill):
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    with open(log, "a") as f:  # and a line cut short, as a kill during the append leaves it
+        f.write('{"step": 99, "train_loss": 1.2')
+    run_to_the_end(tmp_path, argv)
+    resumed = read_run_log(tmp_path, "muon-lr0.01-s0")
+    for key in ("step", "train_loss", "val_loss", "lr", "tokens"):
+        assert [e[key] for e in resumed] == [e[key] for e in straight], key
+    assert torch.equal(*(torch.load(d / "muon-lr0.01-s0" / "ckpt.pt", weights_only=True)["model"]["blocks.0.mlp.0.weight"]
+                         for d in (tmp_path / "out", tmp_path / "straight")))
+
+
+def test_summarize_drops_a_log_line_cut_short_and_names_a_bad_one_elsewhere(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "val')
+    assert summarize.read_jsonl(log) == [{"step": 1}, {"step": 2}]
+    log.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(summarize.SweepError, match="line 2 is not JSON"):
+        summarize.read_jsonl(log)
+
+
 def test_train_gpt_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path, bpe, monkeypatch, capsys):
     data = write_corpus(tmp_path / "c.jsonl", DOCS * 2, "jsonl")
     original_step = reg.REG.step  # patched on the class itself: torch.optim wraps each class's step
@@ -1791,31 +2000,141 @@ def test_train_gpt_sizes_runs_to_their_data_and_their_warmup(tmp_path, bpe, caps
     assert "warning" not in capsys.readouterr().out
 
 
+def test_run_json_separates_the_startup_from_steady_throughput_and_reports_mfu(tmp_path, bpe, monkeypatch):
+    # A slow first step stands for the compile (a minute or more on a GPU): it must count
+    # in startup_s and stay out of the steady tokens/s that MFU is computed from.
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def first_step_slow(*args, **kwargs):  # called once per step, before the optimizer's
+        calls.append(1)
+        if len(calls) == 1:
+            import time
+            time.sleep(1.0)
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", first_step_slow)
+    train_gpt.main(gpt_args(tmp_path, data, bpe, "--optimizer", "muon", "--max-steps", "8", "--eval-every", "4",
+                            "--warmup-steps", "1", "--peak-tflops", "0.001"))
+    summary = json.loads((tmp_path / "out" / "muon-lr0.003-s0" / "run.json").read_text())["summary"]
+    assert summary["startup_s"] >= 1.0 and summary["time"] >= 1.0
+    assert summary["tokens_per_s"] > 3 * summary["tokens"] / summary["time"]  # the slow step left out
+    model = train_gpt.GPT(train_gpt.GPTConfig(vocab_size=320, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    expected = model.flops_per_token(16) * summary["tokens_per_s"] / 1e9  # one process, peak 1 GFLOPS
+    assert summary["mfu"] == pytest.approx(expected, rel=1e-2)
+    header = (tmp_path / "out" / "results.csv").read_text().splitlines()[0]
+    assert header == ("optimizer,lr,seed,final_val,best_val,final_train,steps,tokens,time,startup_s,"
+                      "tokens_per_s,mfu")
+
+
+def test_cifar_run_json_has_startup_and_steady_images_per_s_and_its_columns(tmp_path):
+    folder = write_cifar(tmp_path / "src", "cifar10", n_train=100, n_test=50)
+    train_cifar.main(cifar_args(tmp_path, folder, "cifar10", "--optimizer", "muon", "--epochs", "3",
+                                "--warmup-epochs", "0.5"))
+    run = tmp_path / "out" / "cifar10-small-muon-lr0.003-s0"
+    summary = json.loads((run / "run.json").read_text())["summary"]
+    log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    steady = sum(e["images_per_s"] * e["epoch_time"] for e in log[1:]) / sum(e["epoch_time"] for e in log[1:])
+    assert summary["images_per_s"] == round(steady)  # epochs 2 and 3: the first pays the startup
+    assert 0 < summary["startup_s"] <= summary["time"] + 5
+    header = (tmp_path / "out" / "results.csv").read_text().splitlines()[0]
+    assert header == "optimizer,lr,seed,epochs,test_top1,test_top5,time,startup_s,images_per_s"
+
+
+def test_evaluation_leaves_the_model_training(tmp_path):
+    # Left in eval mode, a fine-tuning run with --dropout would silently train without it.
+    cfg = train_gpt.GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.5)
+    model = train_gpt.GPT(cfg)
+    batches = [(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))]
+    train_gpt.evaluate(model, batches, contextlib.nullcontext())
+    assert model.training and all(m.training for m in model.modules())
+    net = train_cifar.SmallNet(10, width=8)
+    train_cifar.evaluate(net, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), 2, contextlib.nullcontext(),
+                         torch.contiguous_format)
+    assert net.training and all(m.training for m in net.modules())
+
+
+def test_the_last_step_is_evaluated_whatever_the_eval_interval(tmp_path, bpe):
+    data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
+    train_gpt.main(gpt_args(tmp_path, data, bpe, "--optimizer", "adamw", "--max-steps", "5", "--eval-every", "2",
+                            "--warmup-steps", "1"))
+    assert [e["step"] for e in read_run_log(tmp_path, "adamw-lr0.003-s0")] == [2, 4, 5]
+    summary = json.loads((tmp_path / "out" / "adamw-lr0.003-s0" / "run.json").read_text())["summary"]
+    assert summary["steps"] == 5
+
+
+def test_learning_rate_schedules_step_by_step():
+    # train_cifar: warmup reaches the peak at its last step, then linear decay to zero.
+    assert [train_cifar.lr_factor(s, total=10, warmup=4) for s in range(10)] == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    # train_gpt: the same warmup, then cosine to min_lr_ratio at max_steps (or wsd: flat, then linear).
+    args = argparse.Namespace(warmup_steps=2, max_steps=10, schedule="cosine", min_lr_ratio=0.1, decay_fraction=0.2)
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
+    assert [train_gpt.lr_factor(s, args) for s in range(10)] == pytest.approx([0.5, 1.0] + cosine)
+    args.schedule = "wsd"
+    assert [train_gpt.lr_factor(s, args) for s in range(10)] == pytest.approx([0.5, 1.0] + [1.0] * 6 + [1.0, 0.55])
+
+
+def test_adamw_names_are_names_or_dotted_prefixes_never_text_prefixes():
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(12)])
+    groups = reg.param_groups(model, head=None, adamw_names=["1"])
+    adamw = [n for g in groups if g["name"] == "adamw" for n in g["param_names"]]
+    assert adamw == ["1.weight"]  # not 10.weight or 11.weight
+    groups = reg.param_groups(model, head=None, adamw_names=["1.weight", "10."])
+    assert [n for g in groups if g["name"] == "adamw" for n in g["param_names"]] == ["1.weight", "10.weight"]
+
+
 def test_mfu_uses_the_known_peak_and_the_context_actually_trained():
     assert train_gpt.known_peak_tflops("NVIDIA H100 80GB HBM3", bf16=True) == 989
     assert train_gpt.known_peak_tflops("NVIDIA H100 PCIe", bf16=True) == 756
     assert train_gpt.known_peak_tflops("NVIDIA A100-SXM4-80GB", bf16=False) == 156
     assert train_gpt.known_peak_tflops("NVIDIA GeForce RTX 4090", bf16=True) is None
+    assert train_gpt.known_peak_tflops("NVIDIA H200", bf16=True) == 989  # SXM
+    assert train_gpt.known_peak_tflops("NVIDIA H200 NVL", bf16=True) == 835  # not taken for an SXM
+    assert train_gpt.known_peak_tflops("NVIDIA H100 NVL", bf16=True) is None
     model = train_gpt.GPT(train_gpt.GPTConfig(vocab_size=64, block_size=128, n_layer=2, n_head=2, n_embd=32))
     n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
     assert model.flops_per_token(64) == 6 * n + 12 * 2 * 32 * 64  # the context trained, not the model's
 
 
-def test_train_gpt_resumes_a_cuda_run_on_the_cpu_when_told(tmp_path, bpe):
+def test_resume_trains_where_the_user_is_and_precision_follows_the_device(tmp_path, bpe, capsys, monkeypatch):
     data = write_corpus(tmp_path / "c.jsonl", DOCS * 3, "jsonl")
     common = ["--optimizer", "muon", "--lr", "1e-2", "--eval-every", "2", "--warmup-steps", "1"]
     train_gpt.main(gpt_args(tmp_path, data, bpe, *common, "--max-steps", "4", "--out-dir", str(tmp_path / "straight")))
     train_gpt.main(gpt_args(tmp_path, data, bpe, *common, "--max-steps", "2"))
     run = tmp_path / "out" / "muon-lr0.01-s0"
-    saved = torch.load(run / "ckpt.pt", weights_only=False)  # as if saved on a GPU, compiled
+    saved = torch.load(run / "ckpt.pt", weights_only=True)  # as if saved on a GPU, compiled
     saved["args"].update(device="cuda:0", compile=True)
     saved["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
     torch.save(saved, run / "ckpt.pt")
-    if not torch.cuda.is_available():
-        expect_error(["--resume", str(run), "--max-steps", "4"], "trained on cuda:0", "--device cpu")
-    train_gpt.main(["--resume", str(run), "--max-steps", "4", "--device", "cpu", "--no-compile", "--quiet"])
-    straight = [json.loads(l) for l in (tmp_path / "straight" / "muon-lr0.01-s0" / "log.jsonl").read_text().splitlines()]
-    assert [e["val_loss"] for e in read_run_log(tmp_path, "muon-lr0.01-s0")] == [e["val_loss"] for e in straight]
+    if not torch.cuda.is_available():  # no --device: it continues here, on the CPU, and says so
+        capsys.readouterr()
+        train_gpt.main(["--resume", str(run), "--max-steps", "4", "--no-compile", "--quiet"])
+        assert "trained on cuda:0; it continues on cpu" in capsys.readouterr().out
+        straight = [json.loads(l) for l in (tmp_path / "straight" / "muon-lr0.01-s0" / "log.jsonl").read_text().splitlines()]
+        assert [e["val_loss"] for e in read_run_log(tmp_path, "muon-lr0.01-s0")] == [e["val_loss"] for e in straight]
+    # A CPU run resumed on a machine with a GPU moves there, in bfloat16 unless it chose a precision.
+    saved["args"].update(device="cpu", bf16=False, bf16_pinned=False, compile=False)
+    torch.save(saved, run / "ckpt.pt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = runs.resumed_settings({"resume": str(run), "max_steps": 8}, train_gpt.RESUME_MAY_SET, "step", "max_steps")
+    assert (args.device, args.bf16) == ("cuda", True)
+    assert "continues in bfloat16 autocast" in capsys.readouterr().out
+    saved["args"].update(bf16_pinned=True)
+    torch.save(saved, run / "ckpt.pt")
+    args = runs.resumed_settings({"resume": str(run), "max_steps": 8}, train_gpt.RESUME_MAY_SET, "step", "max_steps")
+    assert (args.device, args.bf16) == ("cuda", False)
+    args = runs.resumed_settings({"resume": str(run), "max_steps": 8, "device": "cpu"}, train_gpt.RESUME_MAY_SET,
+                                 "step", "max_steps")
+    assert args.device == "cpu"
+
+
+def test_a_cuda_device_this_machine_lacks_is_named_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    runs.check_device("cuda:0")
+    with pytest.raises(ValueError, match=r"--device cuda:7: this machine has 1 CUDA device \(cuda:0 to cuda:0\)"):
+        runs.check_device("cuda:7")
 
 
 def test_benchmark_model_routes_every_block_matrix_to_the_matrix_rule():
@@ -1824,13 +2143,22 @@ def test_benchmark_model_routes_every_block_matrix_to_the_matrix_rule():
     assert sum(p.numel() for p in matrix) == 2 * (3 + 1 + 4 + 4) * 16 * 16  # qkv, proj, fc, mlp_proj
 
 
+def test_benchmark_synchronizes_the_device_it_times(monkeypatch):
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    p = nn.Parameter(torch.ones(4, 4))
+    p.grad = torch.ones(4, 4)
+    benchmark.time_steps(reg.build_optimizer("muon", [dict(params=[p])]), "cuda:1", steps=1, warmup=0, label="t")
+    assert synced == ["cuda:1"]
+
+
 def test_benchmark_shows_progress_and_prints_every_optimizer():
     done = subprocess.run([sys.executable, str(Path(__file__).parent / "results" / "benchmark.py"), "--device", "cpu", "--blocks", "1",
                            "--width", "64", "--vocab", "100", "--steps", "1", "--warmup", "0"],
                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = [line.split()[0] for line in done.stdout.splitlines()[2:8]]
-    assert rows == ["torch", "reg", "muon", "muoneq-r", "muoneq-rc", "normuon"], done.stdout
+    rows = [line[:22].strip() for line in done.stdout.splitlines()[2:10]]
+    assert rows[1:] == ["reg", "rmnp", "muon", "muon (Polar Express)", "muoneq-r", "muoneq-rc", "normuon"], done.stdout
     assert "torch.optim.Muon" in done.stdout and "reg.Muon, NS in bfloat16" in done.stdout
     for label in ("muon", "normuon", "torch.optim.Muon"):  # a progress bar for every timing
         assert f"\n{label}: " in done.stderr or done.stderr.startswith(f"{label}: "), done.stderr
@@ -2010,8 +2338,13 @@ def test_train_gpt_under_torchrun_takes_the_single_process_steps_and_resumes(tmp
     argv = gpt_args(tmp_path, data, bpe, "--batch-size", "4", "--grad-accum", "2", "--max-steps", "6",
                     "--eval-every", "3", "--warmup-steps", "1", "--lr", "1e-2")
     train_gpt.main(argv + ["--optimizer", "adamw,muon", "--out-dir", str(tmp_path / "one")])
-    done = torchrun(tmp_path, *argv, "--optimizer", "adamw,muon", "--out-dir", str(tmp_path / "two"))
+    done = torchrun(tmp_path, *argv, "--optimizer", "adamw,muon", "--out-dir", str(tmp_path / "two"),
+                    "--peak-tflops", "0.001")
     assert done.returncode == 0, done.stderr[-3000:]
+    # MFU per process: the global tokens/s over the two processes' peaks, not one's.
+    summary = json.loads((tmp_path / "two" / "muon-lr0.01-s0" / "run.json").read_text())["summary"]
+    model = train_gpt.GPT(train_gpt.GPTConfig(vocab_size=320, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    assert summary["mfu"] == pytest.approx(model.flops_per_token(16) * summary["tokens_per_s"] / 2 / 1e9, rel=1e-2)
     for run in ("adamw-lr0.01-s0", "muon-lr0.01-s0"):
         one, two = ([json.loads(l) for l in (tmp_path / d / run / "log.jsonl").read_text().splitlines()]
                     for d in ("one", "two"))

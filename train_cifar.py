@@ -68,7 +68,7 @@ DEFAULTS = dict(
     cache_dir="data", out_dir="out/cifar", compile=False, quiet=False,
     bf16=None,                        # bfloat16 autocast: on CUDA and on CPUs that run it natively
 )
-NOT_SETTINGS = ("optimizer", "lr", "seed", "out_dir", "resume", "quiet", "data_dir", "cache_dir",
+NOT_SETTINGS = ("optimizer", "lr", "seed", "out_dir", "resume", "quiet", "bf16_pinned", "data_dir", "cache_dir",
                 "device", "compile")
 RESUME_MAY_SET = ("epochs", "device", "compile", "quiet", "data_dir", "cache_dir")
 
@@ -437,6 +437,7 @@ def parse_args(argv=None):
             args = argparse.Namespace(**{**DEFAULTS, **NET_DEFAULTS[net], "lr": [NET_DEFAULTS[net]["lr"]],
                                          "net": net, "device": device, "subset": None, "data_dir": None,
                                          "resume": None, **given})
+            args.bf16_pinned = args.bf16 is not None  # chosen by --bf16 / --no-bf16: kept on resume
             args.bf16 = default_bf16(args.device) if args.bf16 is None else args.bf16
             if args.warmup_epochs >= args.epochs and "warmup_epochs" not in given:
                 print(f"note: {args.warmup_epochs:g} warmup epochs do not fit in --epochs {args.epochs}: "
@@ -459,7 +460,7 @@ def main(argv=None):
         todo = runs_to_do(args, NOT_SETTINGS, lambda name, lr, seed: f"{args.dataset}-{args.net}-{run_folder_name(name)}-lr{lr:g}-s{seed}")
         data = load_data(args)
         print(precision_note(args))
-        for name, lr, seed, run_dir, _ in todo:
+        for name, lr, seed, run_dir in todo:
             with claimed(run_dir, args, explicit=bool(args.resume)) as claim:  # one writer per run
                 if claim:
                     train(args, name, lr, seed, data, run_dir, claim == "resume")

@@ -82,7 +82,7 @@ DEFAULTS = dict(
     bf16=None,                        # bfloat16 autocast: on CUDA and on CPUs that run it natively
 )
 # What may differ between the runs of one folder; everything else is a setting they share.
-NOT_SETTINGS = ("optimizer", "lr", "seed", "out_dir", "resume", "quiet", "log_every",
+NOT_SETTINGS = ("optimizer", "lr", "seed", "out_dir", "resume", "quiet", "bf16_pinned", "log_every",
                 "bpe_dir", "cache_dir", "peak_tflops", "device", "compile", "rank", "world")
 # What --resume may change; the rest comes from the run itself.
 RESUME_MAY_SET = ("max_steps", "device", "compile", "quiet", "log_every", "peak_tflops",
@@ -291,6 +291,31 @@ def lr_factor(step, args):
 # One run: set up (or resume), train, evaluate, checkpoint
 # -----------------------------------------------------------------------------
 
+def load_init(args, quiet=True):
+    """--init-from's checkpoint as {"model", "model_config", "args"}: a checkpoint of this
+    script, or a plain state_dict of this GPT (model.state_dict(), as people share them),
+    whose shape is read off its tensors, all but n_head, which comes from --n-head."""
+    saved = load_checkpoint(args.init_from, "--init-from")
+    if isinstance(saved, dict) and {"model", "model_config"} <= set(saved):
+        return {"args": {}, **saved}
+    need = ("wte.weight", "wpe.weight", "blocks.0.attn.qkv.weight")
+    if not (isinstance(saved, dict) and all(k in saved for k in need) and all(map(torch.is_tensor, saved.values()))):
+        lacks = [k for k in ("model", "model_config") if not isinstance(saved, dict) or k not in saved]
+        raise ReportedError(f"--init-from {args.init_from}: neither a checkpoint of train_gpt.py (it has no "
+                            f"{' or '.join(map(repr, lacks))}) nor a state_dict of this GPT (with "
+                            f"{', '.join(need)}, ...): point --init-from at one of those")
+    (vocab, n_embd), context = saved["wte.weight"].shape, saved["wpe.weight"].shape[0]
+    n_layer = len({k.split(".")[1] for k in saved if k.startswith("blocks.")})
+    if n_embd % args.n_head:
+        raise ReportedError(f"--init-from {args.init_from}: a state_dict of width {n_embd}, which --n-head "
+                            f"{args.n_head} does not divide: pass the --n-head it was trained with")
+    if not quiet:
+        print(f"--init-from {args.init_from}: a plain state_dict: {n_layer} layers, width {n_embd}, context "
+              f"{context}, {vocab} tokens read off its tensors; {args.n_head} heads from --n-head")
+    return dict(model=saved, args={}, model_config=dict(vocab_size=vocab, block_size=context, n_layer=n_layer,
+                                                        n_head=args.n_head, n_embd=n_embd))
+
+
 def model_config(args, meta, init):
     """The model's shape: from the --init-from checkpoint when fine-tuning, else the flags."""
     if init:
@@ -336,7 +361,7 @@ def start(args, name, lr, seed, data, run_dir, resume):
     if args.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     resumed = load_checkpoint(run_dir, "--resume") if resume else None
-    init = load_checkpoint(args.init_from, "--init-from") if args.init_from and not resumed else None
+    init = load_init(args) if args.init_from and not resumed else None
     torch.manual_seed(seed)
     cfg = GPTConfig(**resumed["model_config"]) if resumed else model_config(args, meta, init)
     model = GPT(cfg).to(args.device)
@@ -562,6 +587,7 @@ def fresh_settings(given):
     args = argparse.Namespace(**{**DEFAULTS, **preset, "lr": [preset["lr"]], "device": device,
                                  **{k: None for k in ("data", "bpe_dir", "init_from", "also_eval",
                                                       "peak_tflops", "resume")}, **given})
+    args.bf16_pinned = args.bf16 is not None  # chosen by --bf16 / --no-bf16: kept on resume
     args.bf16 = default_bf16(args.device) if args.bf16 is None else args.bf16
     if args.warmup_steps >= args.max_steps and "warmup_steps" not in given:
         short = max(1, args.max_steps // 10)  # a run must leave its warmup
@@ -573,8 +599,8 @@ def fresh_settings(given):
 
 def check_model(args, meta):
     """What needs the model's shape, checked on a weightless copy before anything is written."""
-    init = load_checkpoint(args.init_from, "--init-from") if args.init_from else None
-    if init and init["args"].get("tokenizer", "gpt2") != args.tokenizer:
+    init = load_init(args, quiet=False) if args.init_from else None
+    if init and init["args"] and init["args"].get("tokenizer", "gpt2") != args.tokenizer:  # a state_dict can't say
         raise ReportedError(f"--init-from {args.init_from} was trained with --tokenizer "
                             f"{init['args'].get('tokenizer', 'gpt2')}: pass the same --tokenizer")
     cfg = model_config(args, meta, init)
@@ -634,7 +660,7 @@ def main(argv=None):
                 torch.distributed.barrier()
         check_model(args, meta)
         describe(args, meta)
-        for name, lr, seed, run_dir, _ in todo:
+        for name, lr, seed, run_dir in todo:
             with claimed(run_dir, args, explicit=bool(args.resume)) as claim:  # one writer per run
                 if claim:
                     train(args, name, lr, seed, (splits, meta, also_val), run_dir, claim == "resume")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # reg.py
 import reg  # noqa: E402
 from reg import Muon, build_optimizer, default_ns_dtype, param_groups  # noqa: E402
-
+from training.runs import check_device  # noqa: E402
 
 
 def gpt2_small_params(blocks=12, width=768, vocab=50257, context=1024, device="cpu",
@@ -49,7 +49,7 @@ def time_steps(optimizer, device, steps, warmup, label):
         t0 = time.perf_counter()
         optimizer.step()
         if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)  # the device being timed, which need not be the current one
         times.append(time.perf_counter() - t0)
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values()
                 for t in s.values() if torch.is_tensor(t)) / 2**20
@@ -78,8 +78,10 @@ def benchmark(device="cpu", dtype=torch.float32, blocks=12, steps=5, warmup=2,
         except (RuntimeError, ValueError):  # fused is not built for every device and dtype
             pass
     rows = [min(rows, key=lambda row: row[1])]
-    for name in ("reg", "muon", "muoneq-r", "muoneq-rc", "normuon"):
-        rows.append((name, *time_steps(build_optimizer(name, model), device, steps, warmup, name)))
+    for name, options in (("reg", {}), ("rmnp", {}), ("muon", {}), ("muon (Polar Express)", {"ns_coefficients": "polar_express"}),
+                          ("muoneq-r", {}), ("muoneq-rc", {}), ("normuon", {})):
+        optimizer = build_optimizer(name.split()[0], model, **options)
+        rows.append((name, *time_steps(optimizer, device, steps, warmup, name)))
     print(f"{'optimizer':<22}{'ms/step':>10}{'x AdamW':>9}{'state MB':>10}{'x AdamW':>9}")
     for label, t, mb in rows:
         print(f"{label:<22}{t * 1e3:>10.1f}{t / rows[0][1]:>9.2f}{mb:>10.1f}{mb / rows[0][2]:>9.2f}")
@@ -115,8 +117,10 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if min(args.blocks, args.steps, args.width, args.vocab, args.torch_muon_blocks or 1) < 1 or args.warmup < 0:
         parser.error("--blocks, --steps, --width, --vocab and --torch-muon-blocks must be >= 1, --warmup >= 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     torch.manual_seed(0)
     benchmark(args.device, getattr(torch, args.dtype), args.blocks, args.steps, args.warmup,
               args.compile, args.torch_muon_blocks, args.width, args.vocab)

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import urllib.request
 import warnings
@@ -75,21 +76,23 @@ def load_checkpoint(path, what):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # code where data should be, or a truncated or foreign file
-        code = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        code = re.search(r"GLOBAL (\S+)", str(e))  # what the file would have called
         if code:
-            raise ReportedError(f"{what} {path}: holds more than tensors and plain data, so it is not "
-                                f"loaded (a checkpoint is read as data, never run as code): {code[0]}") from None
+            raise ReportedError(f"{what} {path}: holds more than tensors and plain data (it calls "
+                                f"{code[1]}), so it is not loaded: a checkpoint is read as data, never "
+                                "run as code") from None
         raise ReportedError(f"{what} {path}: not a readable checkpoint ({str(e).splitlines()[0][:120]}); "
                             f"{fix}") from None
 
 
 def runs_to_do(args, not_settings, run_name):
-    """The runs this command asks for, as (optimizer, lr, seed, run folder, resume?):
-    --resume's one run, or every combination of --optimizer, --lr and --seed less those
-    finished in the folder. A folder holds runs of one setting: a run there with other
-    settings is an error (never mixed in) that names what differs."""
+    """The runs this command asks for, as (optimizer, lr, seed, run folder): --resume's one
+    run, or every combination of --optimizer, --lr and --seed less those finished in the
+    folder (`claimed` then says, run by run, whether to start, resume or skip it). A folder
+    holds runs of one setting: a run there with other settings is an error (never mixed in)
+    that names what differs."""
     if args.resume:
-        return [(args.optimizer[0], args.lr[0], args.seed[0], Path(args.resume), True)]
+        return [(args.optimizer[0], args.lr[0], args.seed[0], Path(args.resume))]
     settings, finished = {k: v for k, v in vars(args).items() if k not in not_settings}, {}
     for path in sorted(Path(args.out_dir).glob("*/run.json")):
         record = json.loads(path.read_text())
@@ -104,9 +107,7 @@ def runs_to_do(args, not_settings, run_name):
         if finished.get(run_dir.name):
             print(f"{run_dir.name}: finished earlier with these settings; reusing it")
         else:
-            todo.append((name, lr, seed, run_dir, (run_dir / "ckpt.pt").exists()))
-            if todo[-1][-1]:
-                print(f"{run_dir.name}: stopped early; resuming it")
+            todo.append((name, lr, seed, run_dir))
     return todo
 
 
@@ -133,6 +134,8 @@ def claimed(run_dir, args, explicit=False):
             decision = 0 if finished else 2 if (run_dir / "ckpt.pt").exists() else 1
             if finished:
                 print(f"{run_dir.name}: finished by another process meanwhile; reusing it")
+            elif decision == 2 and not explicit:
+                print(f"{run_dir.name}: stopped early; resuming it")
         except BlockingIOError:
             handle.close()
             handle = None
@@ -163,9 +166,15 @@ def resumed_settings(given, may_set, progress, limit):
     args = argparse.Namespace(**{**saved["args"], **given})
     args.resume = str(Path(given["resume"]).parent if Path(given["resume"]).is_file() else given["resume"])
     args.optimizer, args.lr, args.seed = [saved["optimizer_name"]], [saved["lr"]], [saved["seed"]]
-    if args.device.startswith("cuda") and not torch.cuda.is_available() and "device" not in given:
-        raise ValueError(f"the run was trained on {args.device} and CUDA is not available here: "
-                         "pass --device cpu to continue it on the CPU")
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    if "device" not in given and torch.device(args.device).type != here:  # train where the user is
+        print(f"note: the run was trained on {args.device}; it continues on {here}, as a fresh run "
+              "here would (--device to choose)")
+        args.device = here
+    if "bf16" not in given and not saved["args"].get("bf16_pinned") and args.bf16 != default_bf16(args.device):
+        args.bf16 = default_bf16(args.device)  # precision follows the device unless the run chose it
+        print(f"note: it continues {'in bfloat16 autocast' if args.bf16 else 'in float32'}, this "
+              f"device's default (--bf16 / --no-bf16 to choose)")
     if getattr(args, limit) <= saved[progress]:
         flag = "--" + limit.replace("_", "-")
         raise ValueError(f"--resume {given['resume']}: the run is at {progress} {saved[progress]} of "
@@ -304,6 +313,10 @@ def check_device(text):
         raise ValueError(f"--device {text}: not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {text}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"--device {text}: this machine has {count} CUDA device{'s' * (count != 1)} "
+                         f"(cuda:0 to cuda:{count - 1})")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {text}: this script runs on cpu or cuda")
 
