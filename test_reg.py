@@ -12,6 +12,7 @@ run only where a GPU is present.
 
 import argparse
 import contextlib
+import csv
 import gzip
 import hashlib
 import importlib
@@ -36,7 +37,7 @@ from torch import nn
 import reg
 import train_cifar
 import train_gpt
-from results import benchmark, summarize
+from results import benchmark, long_runs, summarize
 from training import runs, text_data
 
 PLOTS = summarize.pyplot() is not None  # matplotlib is optional: without it, no figures and no error
@@ -1535,6 +1536,44 @@ def test_summarize_sweep_picks_the_best_lr_on_the_sweep_seeds_and_flags_an_edge(
     assert higher["adamw", 1e-3]["best"] and higher["reg", 1e-3]["best"]
 
 
+def fake_run(folder, optimizer, lr, seed, curve, script="train_gpt"):
+    """A finished run folder as train_gpt.py leaves it: run.json and its log (val loss per step)."""
+    run = folder / f"{optimizer.replace(':', '+')}-lr{lr:g}-s{seed}"
+    run.mkdir(parents=True)
+    log = [dict(step=s, val_loss=v) for s, v in curve]
+    (run / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    summary = dict(optimizer=optimizer, lr=lr, seed=seed, final_val=curve[-1][1], steps=curve[-1][0])
+    (run / "run.json").write_text(json.dumps(dict(run=run.name, optimizer=optimizer, lr=lr, seed=seed, settings={},
+                                                  script=script, finished=True, metric="final_val",
+                                                  lower_is_better=True, curve=["step", "val_loss"], summary=summary)))
+
+
+def test_long_runs_finds_the_best_lrs_and_the_steps_each_method_needs_to_reach_adamw(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        fake_run(runs, "adamw", 4e-3, seed, [(100, 3.0 + shift), (200, 2.0 + shift), (300, 1.5 + shift)])
+        fake_run(runs, "muon", 8e-3, seed, [(100, 2.5 + shift), (200, 1.4 + shift), (300, 1.2 + shift)])
+        fake_run(runs, "reg", 1e-3, seed, [(100, 3.5), (200, 2.5), (300, 2.0)])
+    fake_run(runs, "adamw", 8e-3, 0, [(100, 3.0), (200, 2.0), (300, 1.6)])  # worse: not the best lr
+    fake_run(runs, "reg:p=inf:racs_steps=3", 1e-3, 0, [(100, 3.0), (200, 1.5), (300, 1.0)])  # a reading
+    out = tmp_path / "results"
+    long_runs.main(["text", str(runs), "--out", str(out)])
+    speedup = {r["optimizer"]: r for r in csv.DictReader((out / "long-gpt-speedup.csv").read_text().splitlines())}
+    assert set(speedup) == {"adamw", "muon", "reg"}  # readings stay out of the headline files
+    # AdamW's final: the mean of its seeds, 1.51. Muon's mean curve (2.51, 1.41, 1.21) reaches
+    # it between steps 100 and 200: 100 + 100 * (2.51 - 1.51) / (2.51 - 1.41).
+    assert float(speedup["adamw"]["adamw_final_val"]) == pytest.approx(1.51)
+    assert float(speedup["muon"]["steps_to_adamw_final"]) == pytest.approx(100 + 100 * 1.0 / 1.1, abs=0.05)
+    assert speedup["reg"]["steps_to_adamw_final"] == "" and speedup["adamw"]["steps_to_adamw_final"] == "300.0"
+    best = list(csv.DictReader((out / "long-gpt-best.csv").read_text().splitlines()))
+    assert sorted((r["optimizer"], r["lr"]) for r in best) == sorted(
+        [("adamw", "0.004")] * 2 + [("muon", "0.008")] * 2 + [("reg", "0.001")] * 2)
+    readings = list(csv.DictReader((out / "reg-readings.csv").read_text().splitlines()))
+    assert [(r["p"], r["racs_steps"]) for r in readings] == [("2", "1"), ("2", "1"), ("inf", "3")]
+    assert (out / "long-gpt-curves.png").exists() == PLOTS
+    assert long_runs.first_reaching([1, 2], [3.0, 2.0], 5.0) == 1.0
+
+
 def test_finetune_depth_compares_at_matched_forgetting_along_the_lr_sweeps(tmp_path):
     from results import finetune_depth
     # (forgetting, new-task loss) at each lr: straight lines between neighbouring lrs
@@ -2270,7 +2309,7 @@ def test_every_command_on_the_pages_is_accepted_by_its_script(page, tmp_path, mo
     monkeypatch.setattr(train_cifar, "existing_path", str)
     monkeypatch.setattr(train_cifar, "folder_path", str)
     scripts = {"train_gpt.py": train_gpt.make_parser, "train_cifar.py": train_cifar.make_parser}
-    for name in ("benchmark", "directions", "finetune_depth", "speed", "summarize"):
+    for name in ("benchmark", "directions", "finetune_depth", "long_runs", "speed", "summarize"):
         scripts[f"results/{name}.py"] = importlib.import_module(f"results.{name}").make_parser
     commands = python_commands(page, tmp_path)
     assert commands, page

@@ -1,0 +1,151 @@
+"""
+results/long_runs.py: the results past the early phase, from their run folders.
+
+    python results/long_runs.py text out/long-gpt        # one epoch of text (results/README.md)
+    python results/long_runs.py images out/long-cifar10  # the CIFAR-10 runs
+
+Reads a folder of train_gpt.py or train_cifar.py runs (summarize.read_runs) and writes,
+into results/ (or --out), for PREFIX long-gpt or long-cifar10:
+  PREFIX-runs.csv   every finished run              PREFIX-sweep.csv  per method and lr
+  PREFIX-best.csv   the runs at each method's best lr (chosen on the seeds every lr ran)
+and for text also
+  long-gpt-speedup.csv  per method: the step at which its eval curve (at its best lr, the
+                        mean of its seeds, straight lines between evaluations) first
+                        reaches AdamW's final loss (the mean of AdamW's seeds); empty
+                        where it never does: "AdamW-equivalent steps"
+  long-gpt-curves.png   those mean curves, AdamW's final loss as a line
+  reg-readings.csv      REG's readings (p, racs_steps) run as reg:p=..:racs_steps=.. specs
+Methods are the --optimizer specs of the runs ("muon:ns_coefficients=polar_express" is a
+method of its own); REG's readings other than its default stay out of the headline files.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from results import summarize  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def reading(spec):
+    """(p, racs_steps) of a "reg[:p=..][:racs_steps=..]" spec, None for any other method."""
+    name, *options = spec.split(":")
+    if name != "reg":
+        return None
+    values = dict(o.split("=", 1) for o in options)
+    return values.get("p", "2"), int(values.get("racs_steps", "1"))
+
+
+def mean_curve(runs, key):
+    """(steps, the mean over the runs of `key` at each step every run evaluated)."""
+    steps = sorted(set.intersection(*({e["step"] for e in r["log"] if e.get(key) is not None} for r in runs)))
+    values = [sum(next(e[key] for e in r["log"] if e["step"] == s) for r in runs) / len(runs) for s in steps]
+    return steps, values
+
+
+def first_reaching(steps, values, target):
+    """The step at which a curve first gets down to `target`, straight lines between its
+    points; None if it never does."""
+    for i, (s, v) in enumerate(zip(steps, values)):
+        if v <= target:
+            if i == 0:
+                return float(s)
+            s0, v0 = steps[i - 1], values[i - 1]
+            return s0 + (s - s0) * (v0 - target) / (v0 - v)
+    return None
+
+
+def speedups(best_runs, baseline="adamw"):
+    """Rows of long-gpt-speedup.csv (see the module docstring) and the mean curves."""
+    by_method = {}
+    for run in best_runs:
+        by_method.setdefault(run["optimizer"], []).append(run)
+    if baseline not in by_method:
+        raise summarize.SweepError(f"no {baseline} runs: the speed-up is measured against {baseline}'s final loss")
+    base = by_method[baseline]
+    target = sum(r["summary"]["final_val"] for r in base) / len(base)
+    rows, curves = [], {}
+    for name, runs in by_method.items():
+        steps, values = curves[name] = mean_curve(runs, "val_loss")
+        reached = first_reaching(steps, values, target)
+        rows.append(dict(optimizer=name, lr=runs[0]["lr"], seeds=len(runs), final_val=values[-1],
+                         adamw_final_val=target, steps=steps[-1],
+                         steps_to_adamw_final=None if reached is None else round(reached, 1),
+                         fraction_of_the_steps=None if reached is None else round(reached / steps[-1], 3)))
+    return rows, curves, target
+
+
+def plot_curves(curves, target, path):
+    plt = summarize.pyplot()
+    if plt is None:
+        return print("(matplotlib is not installed: no figure)")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, (steps, values) in curves.items():
+        ax.plot(steps, values, label=name, lw=2.2 if name == "adamw" else 1.4)
+    ax.axhline(target, color="black", ls=":", lw=1, label="AdamW's final loss")
+    low = min(min(v) for _, v in curves.values())
+    ax.set_ylim(low - 0.05, target + 0.6)
+    ax.set(xlabel="step", ylabel="val loss (nats per byte), mean of the seeds at the best lr")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    summarize.save(plt, fig, path)
+
+
+def report(kind, folder, out=HERE):
+    runs, unfinished = summarize.read_runs(folder)
+    if not runs:
+        raise summarize.SweepError(f"{folder}: no finished runs there")
+    prefix = "long-gpt" if kind == "text" else "long-cifar10"
+    out.mkdir(parents=True, exist_ok=True)
+    metric, lower = runs[0]["metric"], runs[0]["lower_is_better"]
+    headline = [r for r in runs if reading(r["optimizer"]) in (None, ("2", 1))]
+    summaries = [r["summary"] for r in headline]
+    table = summarize.summarize_sweep(summaries, metric, lower)
+    best = {(row["optimizer"], row["lr"]) for row in table if row["best"]}
+    best_runs = [r for r in headline if (r["optimizer"], r["lr"]) in best]
+    summarize.write_csv(summaries, out / f"{prefix}-runs.csv")
+    summarize.write_csv(table, out / f"{prefix}-sweep.csv")
+    summarize.write_csv([r["summary"] for r in best_runs], out / f"{prefix}-best.csv")
+    print(f"{len(runs)} finished runs ({len(unfinished)} unfinished) in {folder}")
+    print(f"{'method':<36}{'lr':>9}{'seeds':>6}  {metric} (mean +- std)")
+    for row in table:
+        flag = ("  best" + ("  (edge: widen the grid)" if row["edge"] else "")) if row["best"] else ""
+        print(f"{row['optimizer']:<36}{row['lr']:>9.3g}{row['n']:>6}  {row['mean']:.4f} +- {row['std']:.4f}{flag}")
+    if kind != "text":
+        return
+    rows, curves, target = speedups(best_runs)
+    summarize.write_csv(rows, out / "long-gpt-speedup.csv")
+    print(f"\nAdamW's final loss {target:.4f}; the step at which each method first reaches it:")
+    for row in rows:
+        reached, fraction = row["steps_to_adamw_final"], row["fraction_of_the_steps"]
+        print(f"{row['optimizer']:<36}" + ("never" if reached is None else f"{reached:>7.0f} ({fraction:.0%})"))
+    plot_curves(curves, target, out / "long-gpt-curves.png")
+    readings = [dict(p=reading(r["optimizer"])[0], racs_steps=reading(r["optimizer"])[1], lr=r["lr"], seed=r["seed"],
+                     final_val=r["summary"]["final_val"]) for r in runs if reading(r["optimizer"])]
+    if readings:
+        summarize.write_csv(sorted(readings, key=lambda r: (r["p"], r["racs_steps"], r["lr"], r["seed"])),
+                            out / "reg-readings.csv")
+
+
+def make_parser():
+    p = argparse.ArgumentParser(prog="long_runs.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("kind", choices=["text", "images"], help="a train_gpt.py (text) or train_cifar.py (images) folder")
+    p.add_argument("folder", help="its --out-dir")
+    p.add_argument("--out", default=str(HERE), help="where the CSVs and the figure go (results/)")
+    return p
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    if not Path(args.folder).is_dir():
+        sys.exit(f"error: {args.folder}: no such folder")
+    try:
+        report(args.kind, args.folder, Path(args.out))
+    except summarize.SweepError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
