@@ -119,10 +119,11 @@ def newton_schulz(G, steps=5, eps=1e-7, dtype=None, coefficients=NS_COEFFICIENTS
     The price: a schedule is fit to singular values in (0, 1] and, to be that steep, it
     explodes just past 1 (five Polar Express steps take 1.02 to 1.14, 1.05 to 1e185).
     Rounding, in bfloat16 above all, can put the largest one slightly above 1, so with a
-    schedule X is divided by SCHEDULE_MARGIN = 1.02 times ||X||_F: 4% of headroom, for a
-    little less lift at the bottom (1e-3 ends at 0.85 instead of 0.86). The Polar Express
-    code and nanochat use 1.01, modded-nanogpt 1.02. Keller Jordan's single triple stays
-    bounded past 1 and gets no margin, so the default is exactly torch.optim.Muon's.
+    schedule X is divided by SCHEDULE_MARGIN = 1.02 times ||X||_F, the safety factor these
+    five were computed with (as modded-nanogpt does; the Polar Express code and nanochat
+    use 1.01): 4% of headroom, for a little less lift at the bottom (1e-3 ends at 0.85
+    instead of 0.86). Keller Jordan's single triple stays bounded past 1 and gets no
+    margin, so the default is exactly torch.optim.Muon's.
 
     Caveat: 5 steps of Keller Jordan's lift a singular value by at most a^5 ~ 490: those
     below ~1.3e-3 * ||G||_F come out below 0.6 (measured), so a very ill-conditioned G is
@@ -245,8 +246,8 @@ def row_normalize(U):
 
     Why this can stand in for orthogonalization: the polar factor of U is
     (U U^T)^(-1/2) U, and where the rows of U are nearly orthogonal to each other (U U^T
-    nearly diagonal, which the authors measure in transformers' momenta) that is just
-    diag(row norms)^-1 U. It is MuonEq-R's equilibration with no Newton-Schulz after it:
+    nearly diagonal, the dominance the authors report in transformers' momenta) that is
+    just diag(row norms)^-1 U. It is MuonEq-R's equilibration with no Newton-Schulz after it:
     O(mn), two reductions and a scaling, where Newton-Schulz costs O(mn min(m, n)).
     Never transposed, whatever the shape (the authors found the transposed variant trains
     worse), so its RMS is exactly 1/sqrt(n) and its scale factor its own (RMNP.scale_factor).

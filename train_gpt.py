@@ -350,8 +350,8 @@ def write_record(run, finished):
 def steady_tokens_per_s(run):
     """Training tokens per second after each session's first step, which pays for the
     compile and the warm-up of the kernels (a minute or more on a GPU with --compile)."""
-    steps, seconds = run.steady
-    return steps * run.tokens_per_step / seconds if steps else run.step * run.tokens_per_step / max(run.elapsed, 1e-9)
+    steps, seconds = run.steady  # a run of a single step has no steady state: its own rate then
+    return steps * run.tokens_per_step / seconds if steps else run.log[-1]["tokens"] / max(run.elapsed, 1e-9)
 
 
 def start(args, name, lr, seed, data, run_dir, resume):
