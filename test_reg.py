@@ -2252,6 +2252,10 @@ def test_cuda_train_gpt_bf16_compile_and_resume(tmp_path, bpe):
     resumed = read_run_log(tmp_path, "muon-lr0.01-s0")
     assert all(math.isfinite(e["val_loss"]) for e in resumed)
     assert [e["val_loss"] for e in resumed] == pytest.approx([e["val_loss"] for e in straight], rel=1e-3)
+    summary = json.loads((tmp_path / "straight" / "muon-lr0.01-s0" / "run.json").read_text())["summary"]
+    assert summary["startup_s"] > 0 and summary["tokens_per_s"] > summary["tokens"] / summary["time"]
+    name = torch.cuda.get_device_name()
+    assert ("mfu" in summary) == (train_gpt.known_peak_tflops(name, True) is not None), (name, summary)
 
 
 @needs_cuda

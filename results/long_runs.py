@@ -6,7 +6,7 @@ results/long_runs.py: the results past the early phase, from their run folders.
 
 Reads a folder of train_gpt.py or train_cifar.py runs (summarize.read_runs) and writes,
 into results/ (or --out), for PREFIX long-gpt or long-cifar10:
-  PREFIX-runs.csv   every finished run              PREFIX-sweep.csv  per method and lr
+  PREFIX-runs.csv   every finished run     PREFIX-sweep.csv, .png  per method and lr
   PREFIX-best.csv   the runs at each method's best lr (chosen on the seeds every lr ran)
 and for text also
   long-gpt-speedup.csv  per method: the step at which its eval curve (at its best lr, the
@@ -108,6 +108,9 @@ def report(kind, folder, out=HERE):
     summarize.write_csv(summaries, out / f"{prefix}-runs.csv")
     summarize.write_csv(table, out / f"{prefix}-sweep.csv")
     summarize.write_csv([r["summary"] for r in best_runs], out / f"{prefix}-best.csv")
+    plt = summarize.pyplot()
+    if plt is not None:
+        summarize.plot_sweep(plt, table, metric, out / f"{prefix}-sweep.png")
     print(f"{len(runs)} finished runs ({len(unfinished)} unfinished) in {folder}")
     print(f"{'method':<36}{'lr':>9}{'seeds':>6}  {metric} (mean +- std)")
     for row in table:
