@@ -1557,6 +1557,8 @@ def test_long_runs_finds_the_best_lrs_and_the_steps_each_method_needs_to_reach_a
     fake_run(runs, "adamw", 8e-3, 0, [(100, 3.0), (200, 2.0), (300, 1.6)])  # worse: not the best lr
     fake_run(runs, "reg:p=inf:racs_steps=3", 1e-3, 0, [(100, 3.0), (200, 1.5), (300, 1.0)])  # a reading
     out = tmp_path / "results"
+    long_runs.main(["text", str(runs)])  # a look: prints, writes nothing
+    assert not out.exists()
     long_runs.main(["text", str(runs), "--out", str(out)])
     speedup = {r["optimizer"]: r for r in csv.DictReader((out / "long-gpt-speedup.csv").read_text().splitlines())}
     assert set(speedup) == {"adamw", "muon", "reg"}  # readings stay out of the headline files

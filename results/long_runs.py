@@ -1,11 +1,13 @@
 """
 results/long_runs.py: the results past the early phase, from their run folders.
 
-    python results/long_runs.py text out/long-gpt        # one epoch of text (results/README.md)
-    python results/long_runs.py images out/long-cifar10  # the CIFAR-10 runs
+    python results/long_runs.py text out/long-gpt --out results        # one epoch of text
+    python results/long_runs.py images out/long-cifar10 --out results  # the CIFAR-10 runs
 
-Reads a folder of train_gpt.py or train_cifar.py runs (summarize.read_runs) and writes,
-into results/ (or --out), for PREFIX long-gpt or long-cifar10:
+Reads a folder of train_gpt.py or train_cifar.py runs (summarize.read_runs), prints its
+tables and, with --out (results/ for the page's files; without it nothing is written, so
+a look at a folder whose sweeps are still running replaces nothing), writes there, for
+PREFIX long-gpt or long-cifar10:
   PREFIX-runs.csv   every finished run     PREFIX-sweep.csv, .png  per method and lr
   PREFIX-best.csv   the runs at each method's best lr (chosen on the seeds every lr ran)
 and for text also
@@ -25,8 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from results import summarize  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
 
 
 def reading(spec):
@@ -93,22 +93,24 @@ def plot_curves(curves, target, path):
     summarize.save(plt, fig, path)
 
 
-def report(kind, folder, out=HERE):
+def report(kind, folder, out=None):
     runs, unfinished = summarize.read_runs(folder)
     if not runs:
         raise summarize.SweepError(f"{folder}: no finished runs there")
     prefix = "long-gpt" if kind == "text" else "long-cifar10"
-    out.mkdir(parents=True, exist_ok=True)
+    write = summarize.write_csv if out else (lambda rows, path: None)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
     metric, lower = runs[0]["metric"], runs[0]["lower_is_better"]
     headline = [r for r in runs if reading(r["optimizer"]) in (None, ("2", 1))]
     summaries = [r["summary"] for r in headline]
     table = summarize.summarize_sweep(summaries, metric, lower)
     best = {(row["optimizer"], row["lr"]) for row in table if row["best"]}
     best_runs = [r for r in headline if (r["optimizer"], r["lr"]) in best]
-    summarize.write_csv(summaries, out / f"{prefix}-runs.csv")
-    summarize.write_csv(table, out / f"{prefix}-sweep.csv")
-    summarize.write_csv([r["summary"] for r in best_runs], out / f"{prefix}-best.csv")
-    plt = summarize.pyplot()
+    write(summaries, out and out / f"{prefix}-runs.csv")
+    write(table, out and out / f"{prefix}-sweep.csv")
+    write([r["summary"] for r in best_runs], out and out / f"{prefix}-best.csv")
+    plt = summarize.pyplot() if out else None
     if plt is not None:
         summarize.plot_sweep(plt, table, metric, out / f"{prefix}-sweep.png")
     print(f"{len(runs)} finished runs ({len(unfinished)} unfinished) in {folder}")
@@ -119,24 +121,25 @@ def report(kind, folder, out=HERE):
     if kind != "text":
         return
     rows, curves, target = speedups(best_runs)
-    summarize.write_csv(rows, out / "long-gpt-speedup.csv")
+    write(rows, out and out / "long-gpt-speedup.csv")
     print(f"\nAdamW's final loss {target:.4f}; the step at which each method first reaches it:")
     for row in rows:
         reached, fraction = row["steps_to_adamw_final"], row["fraction_of_the_steps"]
         print(f"{row['optimizer']:<36}" + ("never" if reached is None else f"{reached:>7.0f} ({fraction:.0%})"))
-    plot_curves(curves, target, out / "long-gpt-curves.png")
+    if out:
+        plot_curves(curves, target, out / "long-gpt-curves.png")
     readings = [dict(p=reading(r["optimizer"])[0], racs_steps=reading(r["optimizer"])[1], lr=r["lr"], seed=r["seed"],
                      final_val=r["summary"]["final_val"]) for r in runs if reading(r["optimizer"])]
     if readings:
-        summarize.write_csv(sorted(readings, key=lambda r: (r["p"], r["racs_steps"], r["lr"], r["seed"])),
-                            out / "reg-readings.csv")
+        write(sorted(readings, key=lambda r: (r["p"], r["racs_steps"], r["lr"], r["seed"])),
+              out and out / "reg-readings.csv")
 
 
 def make_parser():
     p = argparse.ArgumentParser(prog="long_runs.py", description=__doc__.split("\n\n")[0])
     p.add_argument("kind", choices=["text", "images"], help="a train_gpt.py (text) or train_cifar.py (images) folder")
     p.add_argument("folder", help="its --out-dir")
-    p.add_argument("--out", default=str(HERE), help="where the CSVs and the figure go (results/)")
+    p.add_argument("--out", help="where the CSVs and figures go (results for the page's); none: print only")
     return p
 
 
@@ -145,7 +148,7 @@ def main(argv=None):
     if not Path(args.folder).is_dir():
         sys.exit(f"error: {args.folder}: no such folder")
     try:
-        report(args.kind, args.folder, Path(args.out))
+        report(args.kind, args.folder, Path(args.out) if args.out else None)
     except summarize.SweepError as e:
         sys.exit(f"error: {e}")
 
