@@ -388,7 +388,7 @@ def write_record(run, finished):
                    lower_is_better=False, curve=["epoch", "test_top1"],
                    summary=dict(optimizer=run.name, lr=run.lr, seed=run.seed, epochs=last.get("epoch", 0),
                                 test_top1=last.get("test_top1"), test_top5=last.get("test_top5"),
-                                time=round(run.elapsed, 1), startup_s=round(run.startup_s or 0.0, 1),
+                                time=round(run.elapsed, 1), startup_s=round(run.startup_s or 0.0, 3),
                                 images_per_s=round(images / max(sum(e["epoch_time"] for e in steady), 1e-9))))
 
 

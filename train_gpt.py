@@ -333,7 +333,7 @@ def write_record(run, finished):
         first, last = run.log[0], run.log[-1]
         summary = dict(optimizer=run.name, lr=run.lr, seed=run.seed, final_val=last["val_loss"],
                        best_val=run.best_val, final_train=last["train_loss"], steps=last["step"],
-                       tokens=last["tokens"], time=round(run.elapsed, 1), startup_s=round(run.startup_s, 1),
+                       tokens=last["tokens"], time=round(run.elapsed, 1), startup_s=round(run.startup_s, 3),
                        tokens_per_s=round(steady_tokens_per_s(run)))
         if run.args.peak_tflops:  # per process: each has one device's peak
             flops = run.model.flops_per_token(run.args.block_size) * steady_tokens_per_s(run) / run.args.world
