@@ -1567,6 +1567,10 @@ def test_long_runs_finds_the_best_lrs_and_the_steps_each_method_needs_to_reach_a
     assert float(speedup["adamw"]["adamw_final_val"]) == pytest.approx(1.51)
     assert float(speedup["muon"]["steps_to_adamw_final"]) == pytest.approx(100 + 100 * 1.0 / 1.1, abs=0.05)
     assert speedup["reg"]["steps_to_adamw_final"] == "" and speedup["adamw"]["steps_to_adamw_final"] == "300.0"
+    # Each seed against the same target: AdamW's seed 0 ends at 1.50 and gets there between 200
+    # and 300; its seed 1 (1.52) never does; Muon's seed 1 is its own curve, not the mean's.
+    assert speedup["adamw"]["steps_per_seed"] == f"0:{200 + 100 * 0.49 / 0.5:.0f} 1:never"
+    assert speedup["muon"]["steps_per_seed"] == f"0:{100 + 100 * 0.99 / 1.1:.0f} 1:{100 + 100 * 1.01 / 1.1:.0f}"
     best = list(csv.DictReader((out / "long-gpt-best.csv").read_text().splitlines()))
     assert sorted((r["optimizer"], r["lr"]) for r in best) == sorted(
         [("adamw", "0.004")] * 2 + [("muon", "0.008")] * 2 + [("reg", "0.001")] * 2)

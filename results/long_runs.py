@@ -14,7 +14,8 @@ and for text also
   long-gpt-speedup.csv  per method: the step at which its eval curve (at its best lr, the
                         mean of its seeds, straight lines between evaluations) first
                         reaches AdamW's final loss (the mean of AdamW's seeds); empty
-                        where it never does: "AdamW-equivalent steps"
+                        where it never does: "AdamW-equivalent steps"; steps_per_seed
+                        does the same for each seed's own curve ("0:1218 1:1247 2:never")
   long-gpt-curves.png   those mean curves, AdamW's final loss as a line
   reg-readings.csv      REG's readings (p, racs_steps) run as reg:p=..:racs_steps=.. specs
 Methods are the --optimizer specs of the runs ("muon:ns_coefficients=polar_express" is a
@@ -70,10 +71,13 @@ def speedups(best_runs, baseline="adamw"):
     for name, runs in by_method.items():
         steps, values = curves[name] = mean_curve(runs, "val_loss")
         reached = first_reaching(steps, values, target)
+        per_seed = {r["seed"]: first_reaching(*mean_curve([r], "val_loss"), target) for r in runs}
         rows.append(dict(optimizer=name, lr=runs[0]["lr"], seeds=len(runs), final_val=values[-1],
                          adamw_final_val=target, steps=steps[-1],
                          steps_to_adamw_final=None if reached is None else round(reached, 1),
-                         fraction_of_the_steps=None if reached is None else round(reached / steps[-1], 3)))
+                         fraction_of_the_steps=None if reached is None else round(reached / steps[-1], 3),
+                         steps_per_seed=" ".join(f"{seed}:" + ("never" if s is None else f"{s:.0f}")
+                                                 for seed, s in sorted(per_seed.items()))))
     return rows, curves, target
 
 
