@@ -102,18 +102,20 @@ def report(kind, folder, out=None):
     if not runs:
         raise summarize.SweepError(f"{folder}: no finished runs there")
     prefix = "long-gpt" if kind == "text" else "long-cifar10"
-    write = summarize.write_csv if out else (lambda rows, path: None)
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
+    def write(rows, name):  # only with --out: a look at a running sweep replaces nothing
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            summarize.write_csv(rows, out / name)
+
     metric, lower = runs[0]["metric"], runs[0]["lower_is_better"]
     headline = [r for r in runs if reading(r["optimizer"]) in (None, ("2", 1))]
     summaries = [r["summary"] for r in headline]
     table = summarize.summarize_sweep(summaries, metric, lower)
     best = {(row["optimizer"], row["lr"]) for row in table if row["best"]}
     best_runs = [r for r in headline if (r["optimizer"], r["lr"]) in best]
-    write(summaries, out and out / f"{prefix}-runs.csv")
-    write(table, out and out / f"{prefix}-sweep.csv")
-    write([r["summary"] for r in best_runs], out and out / f"{prefix}-best.csv")
+    write(summaries, f"{prefix}-runs.csv")
+    write(table, f"{prefix}-sweep.csv")
+    write([r["summary"] for r in best_runs], f"{prefix}-best.csv")
     plt = summarize.pyplot() if out else None
     if plt is not None:
         summarize.plot_sweep(plt, table, metric, out / f"{prefix}-sweep.png")
@@ -125,7 +127,7 @@ def report(kind, folder, out=None):
     if kind != "text":
         return
     rows, curves, target = speedups(best_runs)
-    write(rows, out and out / "long-gpt-speedup.csv")
+    write(rows, "long-gpt-speedup.csv")
     print(f"\nAdamW's final loss {target:.4f}; the step at which each method first reaches it:")
     for row in rows:
         reached, fraction = row["steps_to_adamw_final"], row["fraction_of_the_steps"]
@@ -135,8 +137,7 @@ def report(kind, folder, out=None):
     readings = [dict(p=reading(r["optimizer"])[0], racs_steps=reading(r["optimizer"])[1], lr=r["lr"], seed=r["seed"],
                      final_val=r["summary"]["final_val"]) for r in runs if reading(r["optimizer"])]
     if readings:
-        write(sorted(readings, key=lambda r: (r["p"], r["racs_steps"], r["lr"], r["seed"])),
-              out and out / "reg-readings.csv")
+        write(sorted(readings, key=lambda r: (r["p"], r["racs_steps"], r["lr"], r["seed"])), "reg-readings.csv")
 
 
 def make_parser():
