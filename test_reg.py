@@ -1548,7 +1548,7 @@ def fake_run(folder, optimizer, lr, seed, curve, script="train_gpt"):
                                                   lower_is_better=True, curve=["step", "val_loss"], summary=summary)))
 
 
-def test_long_runs_finds_the_best_lrs_and_the_steps_each_method_needs_to_reach_adamw(tmp_path):
+def test_long_runs_finds_the_best_lrs_and_the_steps_each_method_needs_to_reach_adamw(tmp_path, capsys):
     runs = tmp_path / "runs"
     for seed, shift in ((0, 0.0), (1, 0.02)):
         fake_run(runs, "adamw", 4e-3, seed, [(100, 3.0 + shift), (200, 2.0 + shift), (300, 1.5 + shift)])
@@ -1577,6 +1577,10 @@ def test_long_runs_finds_the_best_lrs_and_the_steps_each_method_needs_to_reach_a
     readings = list(csv.DictReader((out / "reg-readings.csv").read_text().splitlines()))
     assert [(r["p"], r["racs_steps"]) for r in readings] == [("2", "1"), ("2", "1"), ("inf", "3")]
     assert (out / "long-gpt-curves.png").exists() == PLOTS
+    assert (out / "reg-readings.png").exists() == PLOTS
+    # The readings get AdamW-equivalent steps too: (3.0, 1.5, 1.0) reaches 1.51 at 100 + 100 * 1.49 / 1.5.
+    printed = capsys.readouterr().out.split("REG's readings")[-1]
+    assert re.search(r"reg:p=inf:racs_steps=3 +199 \(66%\) +per seed 0:199", printed)
     assert long_runs.first_reaching([1, 2], [3.0, 2.0], 5.0) == 1.0
 
 

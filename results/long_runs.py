@@ -18,6 +18,7 @@ and for text also
                         does the same for each seed's own curve ("0:1218 1:1247 2:never")
   long-gpt-curves.png   those mean curves, AdamW's final loss as a line
   reg-readings.csv      REG's readings (p, racs_steps) run as reg:p=..:racs_steps=.. specs
+  reg-readings.png      their final loss against lr, AdamW's final loss as a line
 Methods are the --optimizer specs of the runs ("muon:ns_coefficients=polar_express" is a
 method of its own); REG's readings other than its default stay out of the headline files.
 """
@@ -120,24 +121,47 @@ def report(kind, folder, out=None):
     if plt is not None:
         summarize.plot_sweep(plt, table, metric, out / f"{prefix}-sweep.png")
     print(f"{len(runs)} finished runs ({len(unfinished)} unfinished) in {folder}")
-    print(f"{'method':<36}{'lr':>9}{'seeds':>6}  {metric} (mean +- std)")
-    for row in table:
-        flag = ("  best" + ("  (edge: widen the grid)" if row["edge"] else "")) if row["best"] else ""
-        print(f"{row['optimizer']:<36}{row['lr']:>9.3g}{row['n']:>6}  {row['mean']:.4f} +- {row['std']:.4f}{flag}")
+    print_sweep(table, metric)
     if kind != "text":
         return
     rows, curves, target = speedups(best_runs)
     write(rows, "long-gpt-speedup.csv")
     print(f"\nAdamW's final loss {target:.4f}; the step at which each method first reaches it:")
-    for row in rows:
-        reached, fraction = row["steps_to_adamw_final"], row["fraction_of_the_steps"]
-        print(f"{row['optimizer']:<36}" + ("never" if reached is None else f"{reached:>7.0f} ({fraction:.0%})"))
+    print_speedups(rows)
     if out:
         plot_curves(curves, target, out / "long-gpt-curves.png")
-    readings = [dict(p=reading(r["optimizer"])[0], racs_steps=reading(r["optimizer"])[1], lr=r["lr"], seed=r["seed"],
-                     final_val=r["summary"]["final_val"]) for r in runs if reading(r["optimizer"])]
-    if readings:
-        write(sorted(readings, key=lambda r: (r["p"], r["racs_steps"], r["lr"], r["seed"])), "reg-readings.csv")
+    readings = [r for r in runs if reading(r["optimizer"])]
+    if not readings:
+        return
+    write(sorted((dict(p=reading(r["optimizer"])[0], racs_steps=reading(r["optimizer"])[1], lr=r["lr"],
+                       seed=r["seed"], final_val=r["summary"]["final_val"]) for r in readings),
+                 key=lambda r: (r["p"], r["racs_steps"], r["lr"], r["seed"])), "reg-readings.csv")
+    # The readings are a sweep of their own, each (p, racs_steps) a method; their best lrs are
+    # measured against AdamW's final loss like the headline's methods.
+    table = summarize.summarize_sweep([r["summary"] for r in readings], metric, lower)
+    best = {(row["optimizer"], row["lr"]) for row in table if row["best"]}
+    print("\nREG's readings (p, racs_steps):")
+    print_sweep(table, metric)
+    adamw = [r for r in best_runs if r["optimizer"] == "adamw"]
+    reading_rows, _, _ = speedups(adamw + [r for r in readings if (r["optimizer"], r["lr"]) in best])
+    print("and the step at which each reading, at its best lr, first reaches AdamW's final loss:")
+    print_speedups(reading_rows[1:])
+    if plt is not None:
+        summarize.plot_sweep(plt, table, metric, out / "reg-readings.png", reference=(target, "AdamW's final loss"))
+
+
+def print_sweep(table, metric):
+    print(f"{'method':<36}{'lr':>9}{'seeds':>6}  {metric} (mean +- std)")
+    for row in table:
+        flag = ("  best" + ("  (edge: widen the grid)" if row["edge"] else "")) if row["best"] else ""
+        print(f"{row['optimizer']:<36}{row['lr']:>9.3g}{row['n']:>6}  {row['mean']:.4f} +- {row['std']:.4f}{flag}")
+
+
+def print_speedups(rows):
+    for row in rows:
+        reached, fraction = row["steps_to_adamw_final"], row["fraction_of_the_steps"]
+        print(f"{row['optimizer']:<36}" + (f"{'never':>7}" if reached is None else f"{reached:>7.0f} ({fraction:.0%})")
+              + f"   per seed {row['steps_per_seed']}")
 
 
 def make_parser():

@@ -167,10 +167,13 @@ def save(plt, fig, path):
     plt.close(fig)  # pyplot keeps every open figure alive until it is closed
 
 
-def plot_sweep(plt, table, metric, path):
+def plot_sweep(plt, table, metric, path, reference=None):
     """The metric against lr, one line per optimizer; error bars of one std where there
-    are several seeds; the best lr ringed."""
+    are several seeds; the best lr ringed. reference: (value, label), drawn as a dotted
+    horizontal line (a baseline's result)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if reference is not None:
+        ax.axhline(reference[0], color="black", ls=":", lw=1, label=reference[1])
     for name in dict.fromkeys(row["optimizer"] for row in table):
         rows = [row for row in table if row["optimizer"] == name]
         line = ax.errorbar([r["lr"] for r in rows], [r["mean"] for r in rows],
