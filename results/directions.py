@@ -5,8 +5,8 @@ results/directions.py: what each method's direction does to one real momentum ma
 
 Reads one weight's momentum from a train_gpt.py checkpoint (a matrix method's
 momentum_buffer, or AdamW's exp_avg), applies the directions of Muon, MuonEq-R, NorMuon
-(its first step), REG and RMNP to it, and prints and plots, for the momentum and each direction,
-the singular values and the row norms. Every matrix is first scaled to the Frobenius norm
+(its first step), REG (one RACS step, and three) and RMNP to it, and prints and plots, for
+the momentum and each direction, the singular values and the row norms. Every matrix is first scaled to the Frobenius norm
 of a semi-orthogonal matrix of its shape, sqrt(min(m, n)), so that only the *shape* of the
 spectrum and of the rows differs. Writes results/directions.png (or --out).
 
@@ -44,7 +44,7 @@ def directions(M):
     O = reg.newton_schulz(M)
     out = {"momentum": M, "Muon": O, "MuonEq-R": reg.newton_schulz(reg.equilibrate(M, "R")),
            "NorMuon": reg.normuon_normalize(O, torch.zeros(M.shape[0], 1))[0], "REG": reg.racs(M),
-           "RMNP": reg.row_normalize(M)}
+           "REG, 3 steps": reg.racs(M, steps=3), "RMNP": reg.row_normalize(M)}
     return {k: v * min(M.shape) ** 0.5 / v.norm() for k, v in out.items()}
 
 
@@ -65,10 +65,10 @@ def main(argv=None):
     mats = directions(momentum_of(checkpoint, args.weight))
     print(f"{args.weight} of {path} (step {checkpoint.get('step')}, trained with "
           f"{checkpoint.get('optimizer_name')}), {tuple(mats['momentum'].shape)}")
-    print(f"{'':<10}{'cond':>12}{'stable rank':>13}{'row spread':>12}")
+    print(f"{'':<13}{'cond':>12}{'stable rank':>13}{'row spread':>12}")
     for name, X in mats.items():
         s = reg.matrix_stats(X)
-        print(f"{name:<10}{s['cond'] or float('inf'):>12.3g}{s['stable_rank']:>13.1f}{s['row_spread'] or float('inf'):>12.3g}")
+        print(f"{name:<13}{s['cond'] or float('inf'):>12.3g}{s['stable_rank']:>13.1f}{s['row_spread'] or float('inf'):>12.3g}")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -77,7 +77,8 @@ def main(argv=None):
         return print("(matplotlib is not installed: no figure; pip install matplotlib)")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"momentum": dict(color="black", lw=2.5), "Muon": dict(ls="-"), "MuonEq-R": dict(ls="--"),
-              "NorMuon": dict(ls=":", lw=2), "REG": dict(ls="-."), "RMNP": dict(ls=(0, (5, 1, 1, 1, 1, 1)))}
+              "NorMuon": dict(ls=":", lw=2), "REG": dict(ls="-."),
+              "REG, 3 steps": dict(ls="-.", lw=0.8), "RMNP": dict(ls=(0, (5, 1, 1, 1, 1, 1)))}
     for name, X in mats.items():
         style = styles[name]
         left.plot(torch.linalg.svdvals(X.double()), label=name, **style)
