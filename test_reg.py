@@ -1536,16 +1536,18 @@ def test_summarize_sweep_picks_the_best_lr_on_the_sweep_seeds_and_flags_an_edge(
     assert higher["adamw", 1e-3]["best"] and higher["reg", 1e-3]["best"]
 
 
-def fake_run(folder, optimizer, lr, seed, curve, script="train_gpt"):
-    """A finished run folder as train_gpt.py leaves it: run.json and its log (val loss per step)."""
+def fake_run(folder, optimizer, lr, seed, curve, script="train_gpt", metric="final_val"):
+    """A finished run folder as train_gpt.py leaves it: run.json and its log (val loss per step);
+    metric="test_top1" makes it a train_cifar.py run (higher is better)."""
     run = folder / f"{optimizer.replace(':', '+')}-lr{lr:g}-s{seed}"
     run.mkdir(parents=True)
     log = [dict(step=s, val_loss=v) for s, v in curve]
     (run / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
-    summary = dict(optimizer=optimizer, lr=lr, seed=seed, final_val=curve[-1][1], steps=curve[-1][0])
+    summary = dict(optimizer=optimizer, lr=lr, seed=seed, steps=curve[-1][0], **{metric: curve[-1][1]})
     (run / "run.json").write_text(json.dumps(dict(run=run.name, optimizer=optimizer, lr=lr, seed=seed, settings={},
-                                                  script=script, finished=True, metric="final_val",
-                                                  lower_is_better=True, curve=["step", "val_loss"], summary=summary)))
+                                                  script=script, finished=True, metric=metric,
+                                                  lower_is_better=metric == "final_val", curve=["step", "val_loss"],
+                                                  summary=summary)))
 
 
 def test_long_runs_finds_the_best_lrs_and_the_steps_each_method_needs_to_reach_adamw(tmp_path, capsys):
@@ -1582,6 +1584,24 @@ def test_long_runs_finds_the_best_lrs_and_the_steps_each_method_needs_to_reach_a
     printed = capsys.readouterr().out.split("REG's readings")[-1]
     assert re.search(r"reg:p=inf:racs_steps=3 +199 \(66%\) +per seed 0:199", printed)
     assert long_runs.first_reaching([1, 2], [3.0, 2.0], 5.0) == 1.0
+
+
+def test_long_runs_keeps_reg_readings_on_images_out_of_the_headline_and_writes_them_apart(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    for seed in (0, 1):
+        fake_run(runs, "adamw", 3.2e-2, seed, [(1, 0.5), (8, 0.80 + seed / 100)], metric="test_top1")
+        fake_run(runs, "reg", 1.6e-2, seed, [(1, 0.5), (8, 0.79)], metric="test_top1")
+    fake_run(runs, "reg:racs_steps=3", 1.6e-2, 0, [(1, 0.5), (8, 0.83)], metric="test_top1")
+    fake_run(runs, "reg:racs_steps=3", 3.2e-2, 0, [(1, 0.5), (8, 0.82)], metric="test_top1")
+    long_runs.main(["images", str(runs), "--out", str(out)])
+    best = list(csv.DictReader((out / "long-cifar10-best.csv").read_text().splitlines()))
+    assert sorted({r["optimizer"] for r in best}) == ["adamw", "reg"]  # the reading beat both, and stays out
+    readings = list(csv.DictReader((out / "long-cifar10-reg-readings.csv").read_text().splitlines()))
+    assert [(r["p"], r["racs_steps"], float(r["lr"]), r["seed"], float(r["test_top1"])) for r in readings] == [
+        ("2", "1", 1.6e-2, "0", 0.79), ("2", "1", 1.6e-2, "1", 0.79),
+        ("2", "3", 1.6e-2, "0", 0.83), ("2", "3", 3.2e-2, "0", 0.82)]
+    assert (out / "long-cifar10-reg-readings.png").exists() == PLOTS
+    assert not (out / "reg-readings.csv").exists() and not (out / "long-gpt-speedup.csv").exists()
 
 
 def test_finetune_depth_compares_at_matched_forgetting_along_the_lr_sweeps(tmp_path):

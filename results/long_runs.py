@@ -19,6 +19,7 @@ and for text also
   long-gpt-curves.png   those mean curves, AdamW's final loss as a line
   reg-readings.csv      REG's readings (p, racs_steps) run as reg:p=..:racs_steps=.. specs
   reg-readings.png      their final loss against lr, AdamW's final loss as a line
+and for images, when the folder holds REG's readings, long-cifar10-reg-readings.csv and .png.
 Methods are the --optimizer specs of the runs ("muon:ns_coefficients=polar_express" is a
 method of its own); REG's readings other than its default stay out of the headline files.
 """
@@ -122,32 +123,34 @@ def report(kind, folder, out=None):
         summarize.plot_sweep(plt, table, metric, out / f"{prefix}-sweep.png")
     print(f"{len(runs)} finished runs ({len(unfinished)} unfinished) in {folder}")
     print_sweep(table, metric)
-    if kind != "text":
-        return
-    rows, curves, target = speedups(best_runs)
-    write(rows, "long-gpt-speedup.csv")
-    print(f"\nAdamW's final loss {target:.4f}; the step at which each method first reaches it:")
-    print_speedups(rows)
-    if out:
-        plot_curves(curves, target, out / "long-gpt-curves.png")
+    adamw = [r for r in best_runs if r["optimizer"] == "adamw"]
+    if kind == "text":
+        rows, curves, target = speedups(best_runs)
+        write(rows, "long-gpt-speedup.csv")
+        print(f"\nAdamW's final loss {target:.4f}; the step at which each method first reaches it:")
+        print_speedups(rows)
+        if out:
+            plot_curves(curves, target, out / "long-gpt-curves.png")
     readings = [r for r in runs if reading(r["optimizer"])]
     if not readings:
         return
+    name = "reg-readings" if kind == "text" else f"{prefix}-reg-readings"
     write(sorted((dict(p=reading(r["optimizer"])[0], racs_steps=reading(r["optimizer"])[1], lr=r["lr"],
-                       seed=r["seed"], final_val=r["summary"]["final_val"]) for r in readings),
-                 key=lambda r: (r["p"], r["racs_steps"], r["lr"], r["seed"])), "reg-readings.csv")
-    # The readings are a sweep of their own, each (p, racs_steps) a method; their best lrs are
-    # measured against AdamW's final loss like the headline's methods.
+                       seed=r["seed"], **{metric: r["summary"][metric]}) for r in readings),
+                 key=lambda r: (r["p"], r["racs_steps"], r["lr"], r["seed"])), f"{name}.csv")
+    # The readings are a sweep of their own, each (p, racs_steps) a method, set against AdamW
+    # at its best lr like the headline's methods (on text: the steps to AdamW's final loss too).
     table = summarize.summarize_sweep([r["summary"] for r in readings], metric, lower)
     best = {(row["optimizer"], row["lr"]) for row in table if row["best"]}
     print("\nREG's readings (p, racs_steps):")
     print_sweep(table, metric)
-    adamw = [r for r in best_runs if r["optimizer"] == "adamw"]
-    reading_rows, _, _ = speedups(adamw + [r for r in readings if (r["optimizer"], r["lr"]) in best])
-    print("and the step at which each reading, at its best lr, first reaches AdamW's final loss:")
-    print_speedups(reading_rows[1:])
+    if kind == "text":
+        reading_rows, _, _ = speedups(adamw + [r for r in readings if (r["optimizer"], r["lr"]) in best])
+        print("and the step at which each reading, at its best lr, first reaches AdamW's final loss:")
+        print_speedups(reading_rows[1:])
     if plt is not None:
-        summarize.plot_sweep(plt, table, metric, out / "reg-readings.png", reference=(target, "AdamW's final loss"))
+        reference = None if not adamw else (sum(r["summary"][metric] for r in adamw) / len(adamw), "AdamW at its best lr")
+        summarize.plot_sweep(plt, table, metric, out / f"{name}.png", reference=reference)
 
 
 def print_sweep(table, metric):
