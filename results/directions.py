@@ -6,9 +6,9 @@ results/directions.py: what each method's direction does to one real momentum ma
 Reads one weight's momentum from a train_gpt.py checkpoint (a matrix method's
 momentum_buffer, or AdamW's exp_avg), applies the directions of Muon, MuonEq-R, NorMuon
 (its first step), REG (one RACS step, and three) and RMNP to it, and prints and plots, for
-the momentum and each direction, the singular values and the row norms. Every matrix is first scaled to the Frobenius norm
-of a semi-orthogonal matrix of its shape, sqrt(min(m, n)), so that only the *shape* of the
-spectrum and of the rows differs. Writes results/directions.png (or --out).
+the momentum and each direction, the singular values and the row norms. Every matrix is
+first scaled to the Frobenius norm of a semi-orthogonal matrix of its shape, sqrt(min(m,
+n)), so that only the *shape* of the spectrum and of the rows differs. Writes results/directions.png (or --out).
 
 reg.inspect_matrix, the same look during training, is what train_gpt.py --track logs.
 """

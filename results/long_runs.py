@@ -132,25 +132,31 @@ def report(kind, folder, out=None):
         if out:
             plot_curves(curves, target, out / "long-gpt-curves.png")
     readings = [r for r in runs if reading(r["optimizer"])]
-    if not readings:
-        return
-    name = "reg-readings" if kind == "text" else f"{prefix}-reg-readings"
-    write(sorted((dict(p=reading(r["optimizer"])[0], racs_steps=reading(r["optimizer"])[1], lr=r["lr"],
-                       seed=r["seed"], **{metric: r["summary"][metric]}) for r in readings),
-                 key=lambda r: (r["p"], r["racs_steps"], r["lr"], r["seed"])), f"{name}.csv")
-    # The readings are a sweep of their own, each (p, racs_steps) a method, set against AdamW
-    # at its best lr like the headline's methods (on text: the steps to AdamW's final loss too).
+    if readings:
+        report_readings(kind, readings, adamw, write, plt, out)
+
+
+def report_readings(kind, readings, adamw, write, plt, out):
+    """REG's readings as a sweep of their own, each (p, racs_steps) a method, set against
+    AdamW at its best lr (adamw: those runs) like the headline's methods; on text, with
+    the steps each reading's best lr takes to reach AdamW's final loss."""
+    metric, lower = readings[0]["metric"], readings[0]["lower_is_better"]
+    name = "reg-readings" if kind == "text" else "long-cifar10-reg-readings"
+    rows = [dict(zip(("p", "racs_steps"), reading(r["optimizer"])), lr=r["lr"], seed=r["seed"],
+                 **{metric: r["summary"][metric]}) for r in readings]
+    write(sorted(rows, key=lambda r: (r["p"], r["racs_steps"], r["lr"], r["seed"])), f"{name}.csv")
     table = summarize.summarize_sweep([r["summary"] for r in readings], metric, lower)
     best = {(row["optimizer"], row["lr"]) for row in table if row["best"]}
     print("\nREG's readings (p, racs_steps):")
     print_sweep(table, metric)
     if kind == "text":
-        reading_rows, _, _ = speedups(adamw + [r for r in readings if (r["optimizer"], r["lr"]) in best])
+        rows, _, _ = speedups(adamw + [r for r in readings if (r["optimizer"], r["lr"]) in best])
         print("and the step at which each reading, at its best lr, first reaches AdamW's final loss:")
-        print_speedups(reading_rows[1:])
+        print_speedups(rows[1:])
     if plt is not None:
-        reference = None if not adamw else (sum(r["summary"][metric] for r in adamw) / len(adamw), "AdamW at its best lr")
-        summarize.plot_sweep(plt, table, metric, out / f"{name}.png", reference=reference)
+        mean = sum(r["summary"][metric] for r in adamw) / len(adamw) if adamw else None
+        summarize.plot_sweep(plt, table, metric, out / f"{name}.png",
+                             reference=None if mean is None else (mean, "AdamW at its best lr"))
 
 
 def print_sweep(table, metric):
